@@ -1,0 +1,107 @@
+"""The CAML loss terms, as pure functions of tensors.
+
+Names follow the paper (Gao et al., MICCAI 2023):
+
+* :func:`sharpen` and :func:`mutual_consistency_loss` -- the mutual consistency loss ``L_c``;
+* :func:`omni_correlation_matrix` and :func:`omni_correlation_consistency_loss` -- the
+  Omni-Correlation Consistency loss ``L_o``;
+* :func:`sigmoid_rampup` -- the ramp-up of ``lambda_c`` and ``lambda_o``.
+"""
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sharpen class probabilities ``[B, C, ...]`` over dim 1: ``p_c^(1/T) / sum_j p_j^(1/T)``.
+
+    Computed in log space (``softmax(log p / T)``), so a tiny temperature cannot overflow. For two classes this
+    equals the paper's ``p^(1/T) / (p^(1/T) + (1 - p)^(1/T))``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"sharpening temperature must be > 0, got {temperature}")
+    return torch.softmax(torch.log(probs.clamp_min(1e-12)) / temperature, dim=1)
+
+
+def mutual_consistency_loss(probs_main: torch.Tensor, probs_aux: torch.Tensor, temperature: float = 0.1,
+                            detach_targets: bool = False) -> torch.Tensor:
+    """``L_c = MSE(p_main, sharpen(p_aux)) + MSE(p_aux, sharpen(p_main))`` (means over all elements).
+
+    The paper's code lets gradients flow through the sharpened targets; ``detach_targets=True`` stops them.
+    """
+    target_for_main = sharpen(probs_aux, temperature)
+    target_for_aux = sharpen(probs_main, temperature)
+    if detach_targets:
+        target_for_main, target_for_aux = target_for_main.detach(), target_for_aux.detach()
+    return F.mse_loss(probs_main, target_for_main) + F.mse_loss(probs_aux, target_for_aux)
+
+
+def sigmoid_rampup(current: float, length: float) -> float:
+    """Sigmoid ramp-up of Laine & Aila: ``exp(-5 (1 - min(current, length) / length)^2)``, 1.0 when length is 0."""
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - float(np.clip(current, 0.0, length)) / length
+    return float(np.exp(-5.0 * phase * phase))
+
+
+def most_confident_per_class(confidence: torch.Tensor, pseudo_label: torch.Tensor, num_classes: int,
+                             top_k: int) -> torch.Tensor:
+    """Indices of the ``top_k`` most confident voxels of each class (classes ascending, most confident first).
+
+    A class with fewer than 2 voxels contributes none: one voxel cannot form a correlation distribution.
+    """
+    selected = []
+    for c in range(num_classes):
+        candidates = torch.nonzero(pseudo_label == c, as_tuple=True)[0]
+        if candidates.numel() < 2:
+            continue
+        order = torch.sort(confidence[candidates], descending=True, stable=True)[1][:top_k]
+        selected.append(candidates[order])
+    if not selected:
+        return torch.zeros(0, dtype=torch.long, device=confidence.device)
+    return torch.cat(selected)
+
+
+def omni_correlation_matrix(features: torch.Tensor, confidence: torch.Tensor, pseudo_label: torch.Tensor,
+                            memory: Sequence[Optional[torch.Tensor]], temperature: float = 0.1,
+                            top_k: int = 12800) -> Optional[torch.Tensor]:
+    """The omni-correlation matrix between unlabeled voxel embeddings and the labeled memory bank.
+
+    Args:
+        features: ``[N, D]`` embeddings of the unlabeled voxels (after projection and prediction heads).
+        confidence: ``[N]`` confidence of each voxel's pseudo-label.
+        pseudo_label: ``[N]`` integer pseudo-label of each voxel.
+        memory: one entry per class, each a ``[M_c, D]`` tensor of labeled embeddings or ``None``.
+        temperature: softmax temperature ``tau``.
+        top_k: at most this many of the most confident voxels are kept per class.
+
+    Returns:
+        ``softmax(f @ m^T / tau)`` row-wise, shape ``[rows, sum M_c]``. Rows are the selected voxels, grouped by
+        class in ascending order and, within a class, most confident first. Columns are the memory entries of all
+        classes in ascending class order. A class with fewer than 2 candidate voxels contributes no rows, a memory
+        class that is ``None`` or has fewer than 2 entries contributes no columns. ``None`` when no row or no
+        column is left.
+    """
+    columns = [m for m in memory if m is not None and m.shape[0] >= 2]
+    if not columns:
+        return None
+    memory_matrix = torch.cat(columns, dim=0).to(device=features.device, dtype=features.dtype)
+    rows = most_confident_per_class(confidence, pseudo_label, len(memory), top_k)
+    if rows.numel() == 0:
+        return None
+    logits = features[rows] @ memory_matrix.T
+    return torch.softmax(logits / temperature, dim=1)
+
+
+def omni_correlation_consistency_loss(corr_target: torch.Tensor, corr_pred: torch.Tensor) -> torch.Tensor:
+    """``L_o = sum_rows sum_cols(-C_target * log(C_pred + 1e-8)) / rows``: cross-entropy between correlation rows.
+
+    In CAML the auxiliary network's matrix is the target and the main network's the prediction.
+    """
+    if corr_target.shape != corr_pred.shape:
+        raise ValueError(f"correlation matrices differ in shape: {tuple(corr_target.shape)} vs "
+                         f"{tuple(corr_pred.shape)}")
+    return torch.sum(-corr_target * torch.log(corr_pred + 1e-8)) / corr_target.shape[0]
+

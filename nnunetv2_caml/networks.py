@@ -1,0 +1,130 @@
+"""CAML's two networks, built from nnU-Net's plans.
+
+* The **main** network is exactly what the plans describe (``nnUNetTrainer.build_network_architecture``); it is the
+  only network saved as ``network_weights`` and used by ``nnUNetv2_predict``.
+* The **auxiliary** network is the same U-Net family built from the same plans, changed in two places so that the
+  two models disagree in useful ways: a :class:`~nnunetv2_caml.cma.CrossSampleMutualAttention` block on the output of
+  one encoder stage (default: the stage just above the bottleneck), and interpolation upsampling
+  (:class:`InterpolationUpsampling`) instead of transposed convolutions in the decoder.
+
+:class:`DecoderFeatures` reads, for either network, the feature map that feeds the segmentation head (the output of
+the last decoder stage, full resolution): the voxel embeddings used by OCC.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+
+from nnunetv2_caml.cma import CrossSampleMutualAttention
+
+
+def _require_unet(network: nn.Module, architecture_name: str) -> None:
+    if not (isinstance(getattr(network, "decoder", None), UNetDecoder) and hasattr(network.encoder, "stages")):
+        raise ValueError(f"CAML needs a U-Net with nnU-Net's UNetDecoder (PlainConvUNet, ResidualEncoderUNet); the "
+                         f"plans ask for {architecture_name}. Use a U-Net configuration or nnU-Net ResEnc plans.")
+
+
+class InterpolationUpsampling(nn.Module):
+    """The auxiliary decoder's upsampling: (bi/tri)linear interpolation by the stage's stride, then conv-norm-nonlin.
+
+    Replaces the transposed convolution of nnU-Net's decoder; same input and output shapes.
+    """
+
+    def __init__(self, encoder: nn.Module, input_channels: int, output_channels: int, scale_factor: Sequence[int],
+                 kernel_size: Sequence[int]):
+        super().__init__()
+        self.scale_factor = tuple(float(s) for s in scale_factor)
+        self.mode = "trilinear" if len(self.scale_factor) == 3 else "bilinear"
+        self.conv = ConvDropoutNormReLU(encoder.conv_op, input_channels, output_channels, kernel_size, 1,
+                                        encoder.conv_bias, encoder.norm_op, encoder.norm_op_kwargs, None, None,
+                                        encoder.nonlin, encoder.nonlin_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode, align_corners=False))
+
+
+class EncoderStageWithCMA(nn.Module):
+    """An encoder stage followed by CMA: CMA acts on the stage's output (the skip and the next stage's input)."""
+
+    def __init__(self, stage: nn.Module, cma: CrossSampleMutualAttention):
+        super().__init__()
+        self.stage = stage
+        self.cma = cma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cma(self.stage(x))
+
+
+def build_plans_unet(configuration_manager: ConfigurationManager, num_input_channels: int,
+                       num_output_channels: int, deep_supervision: bool = True) -> nn.Module:
+    """The plans' own network (what nnU-Net builds for training and inference)."""
+    network = get_network_from_plans(configuration_manager.network_arch_class_name,
+                                     configuration_manager.network_arch_init_kwargs,
+                                     configuration_manager.network_arch_init_kwargs_req_import,
+                                     num_input_channels, num_output_channels, allow_init=True,
+                                     deep_supervision=deep_supervision)
+    _require_unet(network, configuration_manager.network_arch_class_name)
+    return network
+
+
+def build_auxiliary_network(configuration_manager: ConfigurationManager, num_input_channels: int,
+                            num_output_channels: int, use_cma: bool = True, cma_stage: int = -2,
+                            cma_num_heads: int = 4) -> nn.Module:
+    """The auxiliary network: the plans' U-Net with CMA in the encoder and interpolation upsampling in the decoder.
+
+    ``cma_stage`` indexes the encoder stages (negative counts from the bottleneck: -2 is the stage just above it).
+    Deep supervision is always on: the auxiliary network is only used for training.
+    """
+    network = build_plans_unet(configuration_manager, num_input_channels, num_output_channels, True)
+    encoder, decoder = network.encoder, network.decoder
+    new_modules = []
+    for s in range(len(decoder.transpconvs)):
+        upsampling = InterpolationUpsampling(encoder, encoder.output_channels[-(s + 1)],
+                                             encoder.output_channels[-(s + 2)], encoder.strides[-(s + 1)],
+                                             encoder.kernel_sizes[-(s + 2)])
+        decoder.transpconvs[s] = upsampling
+        new_modules.append(upsampling)
+    if use_cma:
+        n_stages = len(encoder.stages)
+        if not -n_stages <= cma_stage < n_stages:
+            raise ValueError(f"cma_stage={cma_stage} does not exist: the encoder has {n_stages} stages")
+        stage = cma_stage % n_stages
+        encoder.stages[stage] = EncoderStageWithCMA(encoder.stages[stage],
+                                                    CrossSampleMutualAttention(encoder.output_channels[stage],
+                                                                               cma_num_heads))
+    for module in new_modules:
+        module.apply(InitWeights_He(1e-2))
+    return network
+
+
+class DecoderFeatures:
+    """Keeps the output of a U-Net's last decoder stage from its latest forward pass (via a forward hook).
+
+    That output is the feature map the segmentation head turns into logits, so the network itself stays the stock
+    nnU-Net module (its ``state_dict`` is unchanged and loads in ``nnUNetv2_predict``).
+    """
+
+    def __init__(self, network: nn.Module):
+        self.latest: Optional[torch.Tensor] = None
+        self._handle = network.decoder.stages[-1].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.latest = output
+
+    def pop(self) -> torch.Tensor:
+        """The features of the latest forward pass; each forward's features can be taken once."""
+        if self.latest is None:
+            raise RuntimeError("no decoder features were recorded: run the network's forward pass first")
+        features, self.latest = self.latest, None
+        return features
+
+
+def feature_channels(network: nn.Module) -> int:
+    """Channels of the feature map that feeds the segmentation head."""
+    return network.encoder.output_channels[0]

@@ -1,0 +1,114 @@
+"""Omni-Correlation Consistency (OCC): heads, memory bank and the loss ``L_o`` for a pair of networks.
+
+Per network a projection head and a prediction head (``Linear - BatchNorm1d - ReLU - Linear``) turn voxel features
+into embeddings. Labeled voxels that both networks classify correctly feed the :class:`LabeledMemoryBank` (mean of the
+two projections, heads in eval mode, no gradient). Unlabeled voxels on which both networks agree become rows of each
+network's omni-correlation matrix against entries sampled from the bank; ``L_o`` asks the main network's matrix to
+match the auxiliary network's.
+
+Difference to the paper's code: the paper projects *every* agreeing unlabeled voxel and then keeps the ``top_k`` most
+confident per class. Here the ``top_k`` are chosen first (the choice depends only on the predictions) and only they
+are projected, which keeps the heads' cost independent of nnU-Net's patch size. The heads' BatchNorm therefore sees
+the selected voxels rather than all agreeing ones.
+"""
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from nnunetv2_caml.losses import (most_confident_per_class, omni_correlation_consistency_loss,
+                                  omni_correlation_matrix)
+from nnunetv2_caml.memory_bank import LabeledMemoryBank
+
+
+def embedding_head(in_features: int, embedding_dim: int) -> nn.Sequential:
+    """``Linear(F, D) - BatchNorm1d(D) - ReLU - Linear(D, D)``: the shape of both the projection and prediction head."""
+    return nn.Sequential(nn.Linear(in_features, embedding_dim), nn.BatchNorm1d(embedding_dim), nn.ReLU(inplace=True),
+                         nn.Linear(embedding_dim, embedding_dim))
+
+
+def voxels(features: torch.Tensor) -> torch.Tensor:
+    """``[B, F, *spatial]`` -> ``[B * prod(spatial), F]`` (one row per voxel, batch-major)."""
+    return features.movedim(1, -1).reshape(-1, features.shape[1])
+
+
+class OmniCorrelationConsistency(nn.Module):
+    """OCC for the main and the auxiliary network.
+
+    Args:
+        feature_channels: channels ``F`` of the features that feed each network's segmentation head.
+        num_classes: number of segmentation classes (including background).
+        embedding_dim: embedding size ``D`` (paper: 32).
+        temperature: ``tau`` of the correlation softmax (paper: 0.1).
+        top_k: unlabeled voxels per class (paper: 12800).
+        memory_per_class: memory entries sampled per class and step (paper: 256).
+        memory_entries_per_case: stored embeddings per labeled case and class (see :mod:`nnunetv2_caml.memory_bank`).
+    """
+
+    def __init__(self, feature_channels: int, num_classes: int, embedding_dim: int = 32, temperature: float = 0.1,
+                 top_k: int = 12800, memory_per_class: int = 256, memory_entries_per_case: int = 4096,
+                 device: torch.device = torch.device("cpu")):
+        super().__init__()
+        self.num_classes = num_classes
+        self.temperature = temperature
+        self.top_k = top_k
+        self.memory_per_class = memory_per_class
+        self.projection_main = embedding_head(feature_channels, embedding_dim)
+        self.prediction_main = embedding_head(embedding_dim, embedding_dim)
+        self.projection_aux = embedding_head(feature_channels, embedding_dim)
+        self.prediction_aux = embedding_head(embedding_dim, embedding_dim)
+        self.memory_bank = LabeledMemoryBank(num_classes, embedding_dim, memory_entries_per_case, device)
+
+    @torch.no_grad()
+    def update_memory(self, features_main: torch.Tensor, features_aux: torch.Tensor, pred_main: torch.Tensor,
+                      pred_aux: torch.Tensor, target: torch.Tensor, case_ids: Sequence[str]) -> None:
+        """Store, per labeled case, embeddings of the voxels both networks got right.
+
+        ``features_*``: ``[B_l, F, *spatial]``; ``pred_*`` and ``target``: ``[B_l, *spatial]`` class indices
+        (target voxels outside ``0..num_classes-1``, e.g. nnU-Net's ignore label, are never stored).
+        """
+        heads_were_training = self.training
+        self.projection_main.eval()
+        self.projection_aux.eval()
+        for i, case_id in enumerate(case_ids):
+            correct = (pred_main[i] == target[i]) & (pred_aux[i] == target[i]) & (target[i] < self.num_classes)
+            labels = target[i][correct]
+            # choose what the bank will keep before projecting: eval-mode heads act per voxel, so this gives the
+            # same embeddings as projecting every correct voxel first
+            keep = self.memory_bank.indices_to_store(labels)
+            f_main = features_main[i].movedim(0, -1)[correct][keep].float()
+            f_aux = features_aux[i].movedim(0, -1)[correct][keep].float()
+            embeddings = (self.projection_main(f_main) + self.projection_aux(f_aux)) / 2
+            self.memory_bank.update(case_id, embeddings, labels[keep])
+        self.train(heads_were_training)
+
+    def forward(self, features_main: torch.Tensor, features_aux: torch.Tensor, probs_main: torch.Tensor,
+                probs_aux: torch.Tensor) -> torch.Tensor:
+        """``L_o`` on unlabeled voxels: ``features_*`` ``[B_u, F, *spatial]``, ``probs_*`` ``[B_u, C, *spatial]``.
+
+        Zero when no voxel or no memory class is available.
+        """
+        confidence, label_main = probs_main.detach().max(1)
+        label_aux = probs_aux.detach().argmax(1)
+        agree = (label_main == label_aux).flatten()
+        confidence, pseudo_label = confidence.flatten()[agree], label_main.flatten()[agree]
+        rows = most_confident_per_class(confidence, pseudo_label, self.num_classes, self.top_k)
+        memory = self.memory_bank.sample(self.memory_per_class)
+        if rows.numel() == 0 or all(m is None for m in memory):
+            return features_main.new_zeros(())
+        confidence, pseudo_label = confidence[rows], pseudo_label[rows]
+        selected = torch.nonzero(agree, as_tuple=True)[0][rows]
+        corr = []
+        for features, projection, prediction in ((features_main, self.projection_main, self.prediction_main),
+                                                 (features_aux, self.projection_aux, self.prediction_aux)):
+            embeddings = prediction(projection(voxels(features)[selected].float()))
+            corr.append(omni_correlation_matrix(embeddings, confidence, pseudo_label, memory, self.temperature,
+                                                self.top_k))
+        corr_main, corr_aux = corr
+        if corr_main is None:
+            return features_main.new_zeros(())
+        return omni_correlation_consistency_loss(corr_aux, corr_main)
+
+    def memory_fill(self) -> List[int]:
+        """Entries stored in the memory bank, per class."""
+        return self.memory_bank.fill()

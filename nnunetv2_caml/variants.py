@@ -1,0 +1,99 @@
+"""nnU-Net-style variants of ``nnUNetTrainerCAML``: each changes one thing, and its name is the experiment's name.
+
+Ablations of the paper's components, and shorter schedules (``-tr nnUNetTrainerCAML_250epochs``).
+"""
+import torch
+
+from nnunetv2_caml.trainer import nnUNetTrainerCAML
+
+
+# ----------------------------------------------------------------------------- ablations (paper, Table 3)
+class nnUNetTrainerCAML_noCMA(nnUNetTrainerCAML):
+    """No Cross-sample Mutual Attention in the auxiliary encoder."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_cma = False
+
+
+class nnUNetTrainerCAML_noOCC(nnUNetTrainerCAML):
+    """No Omni-Correlation Consistency loss (and no memory bank)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_occ = False
+
+
+class nnUNetTrainerCAML_noCMA_noOCC(nnUNetTrainerCAML):
+    """Mutual consistency only: two differently upsampling U-Nets, no CMA, no OCC."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_cma = False
+        self.use_occ = False
+
+
+class nnUNetTrainerCAML_detachTargets(nnUNetTrainerCAML):
+    """Mutual consistency with stop-gradient on the sharpened targets."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.detach_sharpened_targets = True
+
+
+# ----------------------------------------------------------------------------- training length
+class nnUNetTrainerCAML_1epoch(nnUNetTrainerCAML):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+
+
+class nnUNetTrainerCAML_5epochs(nnUNetTrainerCAML):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class nnUNetTrainerCAML_50epochs(nnUNetTrainerCAML):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 50
+
+
+class nnUNetTrainerCAML_100epochs(nnUNetTrainerCAML):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 100
+
+
+class nnUNetTrainerCAML_250epochs(nnUNetTrainerCAML):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 250
+
+
+class nnUNetTrainerCAML_500epochs(nnUNetTrainerCAML):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 500
+
+
+class nnUNetTrainerCAML_tiny(nnUNetTrainerCAML):
+    """A few seconds of training (2 epochs of 2 steps, 1 validation step): for tests of the pipeline, not results."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
