@@ -31,7 +31,7 @@ from nnunetv2_caml.losses import mutual_consistency_loss, sigmoid_rampup
 from nnunetv2_caml.networks import DecoderFeatures, build_auxiliary_network, feature_channels
 from nnunetv2_caml.occ import OmniCorrelationConsistency
 from nnunetv2_caml.progress import CAML_LOSS_KEYS, CAML_MEMORY_KEY, CAMLLocalLogger
-from nnunetv2_caml.unlabeled import assert_unlabeled_data_ready
+from nnunetv2_caml.unlabeled import assert_unlabeled_data_ready, unlabeled_case_identifiers
 
 #: checkpoint keys of CAML's extra state (``network_weights`` stays nnU-Net's: the main network)
 CHECKPOINT_AUXILIARY_NETWORK = "caml_auxiliary_network_weights"
@@ -122,7 +122,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
     def get_dataloaders(self):
         unlabeled_folder = assert_unlabeled_data_ready(self.plans_manager.dataset_name,
                                                        self.configuration_manager.data_identifier,
-                                                       self.configuration_name)
+                                                       self.configuration_name, self.plans_manager.plans_name)
         dataloader_train, dataloader_val = super().get_dataloaders()
         self.dataloader_unlabeled = self._get_unlabeled_dataloader(unlabeled_folder)
         return dataloader_train, dataloader_val
@@ -136,7 +136,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             dummy_2d, use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
             foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
-        dataset = infer_dataset_class(unlabeled_folder)(unlabeled_folder)
+        dataset = infer_dataset_class(unlabeled_folder)(unlabeled_folder, unlabeled_case_identifiers(unlabeled_folder))
         loader = nnUNetDataLoader(dataset, self._unlabeled_batch_size(), initial_patch_size,
                                   self.configuration_manager.patch_size, self.label_manager,
                                   oversample_foreground_percent=0.0, transforms=transforms)

@@ -1,0 +1,319 @@
+"""Unlabeled images for CAML: where they live, how they are preprocessed, how the trainer finds them.
+
+Raw (the user's):
+    $nnUNet_raw/DatasetXXX_Name/imagesTrUnlabeled/CASE_0000.nii.gz, CASE_0001.nii.gz, ...
+    (same channel naming and file ending as imagesTr, not listed in dataset.json)
+Preprocessed (written by ``nnUNetv2_caml_preprocess_unlabeled``):
+    $nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled/CASE.b2nd, CASE_seg.b2nd, CASE.pkl
+
+Each case is preprocessed by the configuration's own nnU-Net preprocessor, exactly as a labeled
+case would be, and saved in the format nnU-Net's ``nnUNetDatasetBlosc2`` / ``nnUNetDataLoader`` read.
+Unlabeled cases have no label: their seg array is the crop-to-nonzero mask (0 inside, -1 outside)
+and ``properties['class_locations']`` is empty.
+"""
+import argparse
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+from time import sleep
+from typing import Dict, List, Sequence, Tuple, Union
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p, subfiles
+from tqdm import tqdm
+
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+
+UNLABELED_IMAGES_FOLDER = "imagesTrUnlabeled"
+# Cases are written here first, then renamed into the output folder. nnU-Net's dataset class only
+# looks at the files directly in the output folder, never into this subfolder.
+TEMPORARY_FOLDER = ".unfinished"
+# The files of one case in the order they are moved into place: the data file comes last because
+# its presence is what makes nnU-Net's dataset class (and us) see the case.
+CASE_FILE_SUFFIXES = ("_seg.b2nd", ".pkl", ".b2nd")
+
+
+class UnlabeledDataError(RuntimeError):
+    """A problem with the unlabeled data that the user must fix; the message is one line saying how."""
+
+
+def unlabeled_preprocessed_folder(preprocessed_dataset_folder: str) -> str:
+    """Map nnU-Net's labeled folder ``.../DatasetXXX/<data_identifier>`` to its sibling
+    ``.../DatasetXXX/<data_identifier>_unlabeled``."""
+    return os.fspath(preprocessed_dataset_folder).rstrip("/" + os.sep) + "_unlabeled"
+
+
+def unlabeled_case_identifiers(folder: str) -> List[str]:
+    """Sorted ids of the finished cases in ``folder`` (all three files of the case present).
+    A missing folder has none."""
+    if not isdir(folder):
+        return []
+    names = set(os.listdir(folder))
+    return sorted(n[:-len(".b2nd")] for n in names
+                  if n.endswith(".b2nd") and not n.endswith("_seg.b2nd")
+                  and all(n[:-len(".b2nd")] + s in names for s in CASE_FILE_SUFFIXES))
+
+
+def _dataset_id(dataset_name: str) -> str:
+    """``Dataset004_Hippocampus`` -> ``4`` (for the commands we print); other names unchanged."""
+    try:
+        return str(int(dataset_name[len("Dataset"):len("Dataset") + 3]))
+    except ValueError:
+        return dataset_name
+
+
+def _preprocess_command(dataset_name: str, configurations: Sequence[str], plans_identifier: str) -> str:
+    """The exact command that preprocesses the unlabeled images of a dataset."""
+    command = f"nnUNetv2_caml_preprocess_unlabeled -d {_dataset_id(dataset_name)} -c {' '.join(configurations)}"
+    return command if plans_identifier == "nnUNetPlans" else f"{command} -plans_name {plans_identifier}"
+
+
+def _has_visible_files(folder: str) -> bool:
+    return isdir(folder) and any(not f.startswith(".") for f in os.listdir(folder))
+
+
+def _resolve_dataset_name(dataset_name_or_id: Union[int, str]) -> str:
+    """Dataset name for an id or name, as nnU-Net finds it, checking that its raw folder exists."""
+    for variable in (nnUNet_raw, nnUNet_preprocessed):
+        if not variable.is_set():
+            raise UnlabeledDataError(f"environment variable {variable.env_var_name} is not set: export it "
+                                     f"(see nnU-Net's documentation/setting_up_paths.md)")
+    name = str(dataset_name_or_id)
+    if not name.startswith("Dataset"):
+        try:
+            candidates = list(find_candidate_datasets(int(name)))
+        except ValueError:
+            raise UnlabeledDataError(f"-d {name!r} is neither a dataset ID (e.g. 4) nor a dataset name "
+                                     f"(e.g. Dataset004_Hippocampus)") from None
+        if len(candidates) != 1:
+            raise UnlabeledDataError(
+                f"dataset ID {name} not found in nnUNet_raw={nnUNet_raw.get()} or nnUNet_preprocessed="
+                f"{nnUNet_preprocessed.get()}: check -d and these environment variables" if not candidates else
+                f"several datasets have ID {name} ({', '.join(candidates)}): rename all but one")
+        name = candidates[0]
+    if not isdir(join(nnUNet_raw, name)):
+        raise UnlabeledDataError(f"raw dataset folder {join(nnUNet_raw, name)} not found: check -d and nnUNet_raw")
+    return name
+
+
+def _load_plans(dataset_name: str, plans_identifier: str) -> Tuple[PlansManager, dict]:
+    """PlansManager and dataset.json from nnUNet_preprocessed, as nnU-Net's preprocessing reads them."""
+    plans_file = join(nnUNet_preprocessed, dataset_name, plans_identifier + ".json")
+    dataset_json_file = join(nnUNet_preprocessed, dataset_name, "dataset.json")
+    for f in (plans_file, dataset_json_file):
+        if not isfile(f):
+            hint = "" if plans_identifier == "nnUNetPlans" else f" (with the planner that writes {plans_identifier})"
+            raise UnlabeledDataError(f"{f} not found: run `nnUNetv2_plan_and_preprocess -d "
+                                     f"{_dataset_id(dataset_name)}`{hint} first")
+    return PlansManager(plans_file), load_json(dataset_json_file)
+
+
+def _configuration_managers(plans_manager: PlansManager, configurations: Sequence[str],
+                            plans_identifier: str) -> Dict[str, ConfigurationManager]:
+    """Configuration managers for the requested configurations, refusing unknown and cascade ones."""
+    available = plans_manager.available_configurations
+    managers = {}
+    for c in configurations:
+        if c not in available:
+            raise UnlabeledDataError(f"configuration {c!r} is not in {plans_identifier}.json: "
+                                     f"use one of {', '.join(available)}")
+        managers[c] = plans_manager.get_configuration(c)
+        if managers[c].previous_stage_name is not None:
+            raise UnlabeledDataError(
+                f"configuration {c} is a cascade stage (previous_stage {managers[c].previous_stage_name}) and "
+                f"needs predictions of the previous stage, which unlabeled images do not have: use a "
+                f"configuration without previous_stage (e.g. 3d_fullres)")
+        if managers[c].preprocessor_class is None:
+            raise UnlabeledDataError(f"preprocessor {managers[c].preprocessor_name} of configuration {c} not "
+                                     f"found in nnunetv2.preprocessing: fix preprocessor_name in the plans")
+    return managers
+
+
+def _labeled_identifiers(raw_dataset_folder: str, dataset_json: dict) -> set:
+    """Ids of the labeled training cases (imagesTr, or dataset.json's 'dataset' entries)."""
+    ids = set(dataset_json.get("dataset", {}).keys())
+    images_tr = join(raw_dataset_folder, "imagesTr")
+    if isdir(images_tr):
+        ids.update(get_identifiers_from_splitted_dataset_folder(images_tr, dataset_json["file_ending"]))
+    return ids
+
+
+def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[str, List[str]]:
+    """Validate ``imagesTrUnlabeled`` of a raw dataset and return {case id: [channel files in order]}.
+
+    Raises UnlabeledDataError if the folder is missing or empty, a file has the wrong ending or
+    name, a case lacks a channel file or has too many, or a case id also exists in imagesTr.
+    Hidden files (``.DS_Store``) are ignored."""
+    folder = join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
+    ending = dataset_json["file_ending"]
+    channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    files = [f for f in subfiles(folder, join=False) if not f.startswith(".")] if isdir(folder) else []
+    if not files:
+        raise UnlabeledDataError(f"no unlabeled images: put them in {folder} (named like imagesTr: "
+                                 f"CASE_0000{ending})")
+    name_pattern = re.compile(r"(.+)_(\d{4})" + re.escape(ending))
+    found: Dict[str, set] = {}
+    for f in files:
+        if not f.endswith(ending):
+            raise UnlabeledDataError(f"{join(folder, f)} does not end with {ending} (file_ending in dataset.json): "
+                                     f"convert, rename or remove it")
+        match = name_pattern.fullmatch(f)
+        if match is None:
+            raise UnlabeledDataError(f"{join(folder, f)} is not named CASE_XXXX{ending} (XXXX = 4-digit channel "
+                                     f"index): rename it")
+        found.setdefault(match.group(1), set()).add(int(match.group(2)))
+    expected = list(range(len(channels)))
+    for case, indices in sorted(found.items()):
+        if sorted(indices) != expected:
+            have = ", ".join(f"{case}_{i:04d}{ending}" for i in sorted(indices))
+            want = ", ".join(f"{case}_{i:04d}{ending}" for i in expected)
+            raise UnlabeledDataError(f"unlabeled case {case} has {have} but dataset.json lists {len(expected)} "
+                                     f"channel(s): {folder} must hold exactly {want}")
+    clashes = sorted(set(found) & _labeled_identifiers(raw_dataset_folder, dataset_json))
+    if clashes:
+        raise UnlabeledDataError(f"unlabeled case id(s) {', '.join(clashes)} also exist in imagesTr: rename them "
+                                 f"in {folder} (case ids must be unique)")
+    return {case: [join(folder, f"{case}_{i:04d}{ending}") for i in expected] for case in sorted(found)}
+
+
+def _preprocess_case(case_id: str, image_files: List[str], output_folder: str, preprocessor,
+                     plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                     dataset_json: dict) -> None:
+    """Preprocess one unlabeled case with nnU-Net's preprocessor and save it like ``run_case_save``
+    does, but atomically: written to a temporary folder, then renamed into ``output_folder``."""
+    try:
+        data, seg, properties = preprocessor.run_case(image_files, None, plans_manager, configuration_manager,
+                                                      dataset_json)
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}".replace("\n", " ")
+        raise UnlabeledDataError(f"could not preprocess unlabeled case {case_id} ({image_files[0]}): {message}; "
+                                 f"fix or remove its files") from None
+    properties["class_locations"] = {}  # no labels; nnUNetDataLoader reads this key
+    data = data.astype(np.float32, copy=False)
+    seg = seg.astype(np.int16, copy=False)  # crop mask: 0 inside, -1 outside the nonzero region
+    patch_size = tuple(configuration_manager.patch_size)
+    blocks, chunks = comp_blosc2_params(data.shape, patch_size, data.itemsize)
+    blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch_size, seg.itemsize)
+
+    temporary = tempfile.mkdtemp(prefix=case_id + "_", dir=join(output_folder, TEMPORARY_FOLDER))
+    try:
+        nnUNetDatasetBlosc2.save_case(data, seg, properties, join(temporary, case_id), chunks=chunks, blocks=blocks,
+                                      chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+        final = join(output_folder, case_id)
+        if isfile(final + ".b2nd"):  # redoing a finished case: mark it unfinished before replacing its files
+            os.remove(final + ".b2nd")
+        for suffix in CASE_FILE_SUFFIXES:
+            os.replace(join(temporary, case_id + suffix), final + suffix)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _run_in_pool(jobs: List[tuple], num_processes: int, description: str) -> None:
+    """Run ``_preprocess_case`` for each job in a spawn pool with a progress bar, like nnU-Net's
+    ``DefaultPreprocessor.run``; re-raises the first worker error."""
+    with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+        workers = list(pool._pool)  # a killed worker is silently replaced and its job lost: watch the originals
+        remaining = [pool.apply_async(_preprocess_case, job) for job in jobs]
+        with tqdm(desc=description, total=len(jobs)) as progress:
+            while remaining:
+                if not all(w.is_alive() for w in workers):
+                    raise UnlabeledDataError("a preprocessing worker died (often out of RAM): rerun with a smaller "
+                                             "-np; finished cases are kept")
+                done = [r for r in remaining if r.ready()]
+                for r in done:
+                    r.get()
+                    progress.update()
+                remaining = [r for r in remaining if r not in done]
+                sleep(0.1)
+
+
+def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Sequence[str] = ("3d_fullres",),
+                         plans_identifier: str = "nnUNetPlans", num_processes: int = default_num_processes,
+                         overwrite: bool = False, verbose: bool = False) -> List[str]:
+    """Preprocess ``imagesTrUnlabeled`` of a planned dataset for each configuration; return the output folders.
+
+    Everything is validated before anything is written. Finished cases are skipped unless
+    ``overwrite``; configurations sharing a data_identifier are done once."""
+    if num_processes < 1:
+        raise UnlabeledDataError(f"-np must be at least 1, got {num_processes}")
+    dataset_name = _resolve_dataset_name(dataset_name_or_id)
+    plans_manager, dataset_json = _load_plans(dataset_name, plans_identifier)
+    managers = _configuration_managers(plans_manager, configurations, plans_identifier)
+    cases = find_unlabeled_cases(join(nnUNet_raw, dataset_name), dataset_json)
+
+    done_by: Dict[str, str] = {}  # output folder -> configuration that produced it
+    for c, configuration_manager in managers.items():
+        output_folder = unlabeled_preprocessed_folder(
+            join(nnUNet_preprocessed, dataset_name, configuration_manager.data_identifier))
+        if output_folder in done_by:
+            print(f"{c}: same preprocessed data as {done_by[output_folder]} ({output_folder}), nothing to do")
+            continue
+        done_by[output_folder] = c
+        finished = set() if overwrite else set(unlabeled_case_identifiers(output_folder)) & set(cases)
+        todo = [k for k in cases if k not in finished]
+        print(f"{c}: {len(cases)} unlabeled case(s) -> {output_folder}: {len(todo)} to preprocess, "
+              f"{len(finished)} already finished and skipped" + (" (--overwrite redoes them)" if finished else ""))
+        if not todo:
+            continue
+        temporary = join(output_folder, TEMPORARY_FOLDER)
+        shutil.rmtree(temporary, ignore_errors=True)  # leftovers of an interrupted run
+        maybe_mkdir_p(temporary)
+        preprocessor = configuration_manager.preprocessor_class(verbose=verbose)
+        jobs = [(k, cases[k], output_folder, preprocessor, plans_manager, configuration_manager, dataset_json)
+                for k in todo]
+        try:
+            _run_in_pool(jobs, num_processes, f"Preprocessing unlabeled cases ({c})")
+        finally:  # the pool's workers are gone by now
+            shutil.rmtree(temporary, ignore_errors=True)
+    return list(done_by)
+
+
+def assert_unlabeled_data_ready(dataset_name: str, data_identifier: str, configuration_name: str,
+                                plans_identifier: str = "nnUNetPlans") -> str:
+    """Return the unlabeled preprocessed folder for a training run if it holds a finished case;
+    otherwise raise UnlabeledDataError saying what to do. Cheap (two directory listings)."""
+    if not nnUNet_preprocessed.is_set():
+        raise UnlabeledDataError("environment variable nnUNet_preprocessed is not set: export it")
+    folder = unlabeled_preprocessed_folder(join(nnUNet_preprocessed, dataset_name, data_identifier))
+    if unlabeled_case_identifiers(folder):
+        return folder
+    command = _preprocess_command(dataset_name, [configuration_name], plans_identifier)
+    raw_images = join(nnUNet_raw.get(), dataset_name, UNLABELED_IMAGES_FOLDER) if nnUNet_raw.is_set() else None
+    if raw_images is None or not _has_visible_files(raw_images):
+        where = raw_images or f"$nnUNet_raw/{dataset_name}/{UNLABELED_IMAGES_FOLDER} (nnUNet_raw is not set)"
+        raise UnlabeledDataError(f"CAML needs unlabeled images: put them in {where} (named like imagesTr), "
+                                 f"then run `{command}`")
+    raise UnlabeledDataError(f"the unlabeled images in {raw_images} are not preprocessed for configuration "
+                             f"{configuration_name} (no finished case in {folder}): run `{command}`")
+
+
+def preprocess_unlabeled_entry() -> None:
+    """``nnUNetv2_caml_preprocess_unlabeled``: command-line wrapper around ``preprocess_unlabeled``."""
+    parser = argparse.ArgumentParser(
+        description=f"Preprocess the unlabeled images in $nnUNet_raw/DatasetXXX/{UNLABELED_IMAGES_FOLDER} for CAML, "
+                    f"with the plans of `nnUNetv2_plan_and_preprocess` (run that first).")
+    parser.add_argument("-d", nargs="+", required=True, help="dataset ID(s) or name(s)")
+    parser.add_argument("-c", nargs="+", default=["3d_fullres"], help="configuration(s). Default: 3d_fullres")
+    parser.add_argument("-plans_name", default="nnUNetPlans", help="plans identifier. Default: nnUNetPlans")
+    parser.add_argument("-np", type=int, default=default_num_processes,
+                        help=f"number of worker processes. Default: {default_num_processes}")
+    parser.add_argument("--overwrite", action="store_true", help="redo cases that are already finished")
+    parser.add_argument("--verbose", action="store_true", help="print the preprocessor's per-case output")
+    args = parser.parse_args()
+    try:
+        for d in args.d:
+            preprocess_unlabeled(d, args.c, args.plans_name, args.np, args.overwrite, args.verbose)
+    except UnlabeledDataError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("ERROR: interrupted; finished cases are kept, rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,142 @@
+"""nnUNetTrainerCAML through nnU-Net's real command-line tools: train, predict, resume, and fail loudly."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import run_cli
+
+TRAINER = "nnUNetTrainerCAML_tiny"
+
+
+@pytest.fixture(scope="module")
+def trained(caml_dataset):
+    """One tiny CAML training run (2 epochs of 2 steps) of fold 'all' on the CPU configuration."""
+    d = caml_dataset
+    result = run_cli(["nnUNetv2_train", d["dataset_id"], d["configuration"], "all", "-tr", TRAINER,
+                      "-device", "cpu"], d["env"])
+    output = (d["root"] / "nnUNet_results" / d["dataset_name"] /
+              f"{TRAINER}__nnUNetPlans__{d['configuration']}" / "fold_all")
+    return {**d, "output": output, "stdout": result.stdout}
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_training_writes_caml_checkpoint_and_progress(trained):
+    checkpoint = _load(trained["output"] / "checkpoint_final.pth")
+    assert checkpoint["trainer_name"] == TRAINER
+    for key in ("caml_auxiliary_network_weights", "caml_occ_heads", "caml_memory_bank"):
+        assert key in checkpoint
+    # network_weights is the main network only: it loads strictly into the stock architecture of the plans
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = PlansManager(str(trained["output"].parent / "plans.json"))
+    network = nnUNetTrainer.build_network_architecture(plans, plans.get_configuration(trained["configuration"]),
+                                                       1, 2, enable_deep_supervision=False)
+    network.load_state_dict(checkpoint["network_weights"], strict=True)
+    assert not any("cma" in k for k in checkpoint["network_weights"])
+    assert any(".cma." in k for k in checkpoint["caml_auxiliary_network_weights"])
+    # the memory bank holds labeled cases only, with entries of both classes
+    bank = checkpoint["caml_memory_bank"]
+    labeled = {p.name[:-len(".nii.gz")] for p in (trained["raw"] / "labelsTr").iterdir()}
+    assert bank["entries"] and set(bank["entries"]) <= labeled
+    # every CAML term, both ramp-up weights and the bank fill are logged once per epoch
+    log = checkpoint["logging"]
+    for key in ("caml_loss_sup_main", "caml_loss_sup_aux", "caml_loss_consistency", "caml_loss_occ",
+                "caml_lambda_c", "caml_lambda_o", "caml_memory_bank_fill"):
+        assert len(log[key]) == 2, key
+        assert all(np.isfinite(v) for v in log[key]), key
+    assert log["caml_lambda_c"][1] > log["caml_lambda_c"][0] > 0  # ramping up
+    assert log["caml_memory_bank_fill"][-1] > 0
+    assert log["caml_loss_occ"][-1] > 0  # OCC was active (bank filled, unlabeled voxels agreed)
+    assert (trained["output"] / "progress.png").stat().st_size > 0
+    # nnU-Net's final validation ran on the main network
+    summary = json.loads((trained["output"] / "validation" / "summary.json").read_text())
+    assert "foreground_mean" in summary
+
+
+def test_nnunetv2_predict_uses_caml_checkpoint(trained, tmp_path):
+    output = tmp_path / "predictions"
+    run_cli(["nnUNetv2_predict", "-i", trained["raw"] / "imagesTs", "-o", output, "-d", trained["dataset_id"],
+             "-c", trained["configuration"], "-f", "all", "-tr", TRAINER, "-chk", "checkpoint_final.pth",
+             "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], trained["env"])
+    for label_file in (trained["raw"] / "labelsTs").iterdir():
+        prediction = sitk.ReadImage(str(output / label_file.name))
+        reference = sitk.ReadImage(str(label_file))
+        assert prediction.GetSize() == reference.GetSize()
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1}
+
+
+def test_continue_restores_auxiliary_network_heads_and_memory_bank(trained):
+    final = trained["output"] / "checkpoint_final.pth"
+    before = _load(final)
+    # --c on a finished run loads checkpoint_final, trains no further epoch and saves it again: whatever CAML state
+    # was not restored would come back freshly initialised (auxiliary network, heads) or empty (memory bank)
+    run_cli(["nnUNetv2_train", trained["dataset_id"], trained["configuration"], "all", "-tr", TRAINER,
+             "-device", "cpu", "--c"], trained["env"])
+    after = _load(final)
+    for key in ("caml_auxiliary_network_weights", "caml_occ_heads"):
+        assert before[key].keys() == after[key].keys()
+        for name, tensor in before[key].items():
+            assert torch.equal(tensor, after[key][name]), f"{key}.{name} changed"
+    assert before["caml_memory_bank"]["entries"].keys() == after["caml_memory_bank"]["entries"].keys()
+    for case_id, per_class in before["caml_memory_bank"]["entries"].items():
+        for a, b in zip(per_class, after["caml_memory_bank"]["entries"][case_id]):
+            assert torch.equal(a, b)
+    for name, tensor in before["network_weights"].items():
+        assert torch.equal(tensor, after["network_weights"][name])
+
+
+def _train_error(d, configuration=None) -> str:
+    result = run_cli(["nnUNetv2_train", d["dataset_id"], configuration or d["configuration"], "all", "-tr",
+                      TRAINER, "-device", "cpu"], d["env"], check=False)
+    assert result.returncode != 0
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_training_without_unlabeled_preprocessing_names_the_command(caml_dataset):
+    d = caml_dataset
+    folder = d["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    moved = folder.with_name("moved_away")
+    shutil.move(folder, moved)
+    try:
+        message = _train_error(d)
+    finally:
+        shutil.move(moved, folder)
+    assert "not preprocessed" in message
+    assert f"nnUNetv2_caml_preprocess_unlabeled -d {d['dataset_id']} -c {d['configuration']}" in message
+
+
+def test_training_without_imagesTrUnlabeled_says_where_to_put_them(caml_dataset):
+    d = caml_dataset
+    folder = d["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    raw_unlabeled = d["raw"] / "imagesTrUnlabeled"
+    moved, moved_raw = folder.with_name("moved_away"), raw_unlabeled.with_name("moved_away")
+    shutil.move(folder, moved)
+    shutil.move(raw_unlabeled, moved_raw)
+    try:
+        message = _train_error(d)
+    finally:
+        shutil.move(moved, folder)
+        shutil.move(moved_raw, raw_unlabeled)
+    assert "imagesTrUnlabeled" in message
+
+
+def test_cascade_configuration_stops_at_start(caml_dataset):
+    d = caml_dataset
+    plans_file = d["preprocessed"] / "nnUNetPlans.json"
+    original = plans_file.read_text()
+    plans = json.loads(original)
+    plans["configurations"]["3d_cascade_test"] = {"inherits_from": d["configuration"],
+                                                  "previous_stage": d["configuration"]}
+    plans_file.write_text(json.dumps(plans))
+    try:
+        message = _train_error(d, "3d_cascade_test")
+    finally:
+        plans_file.write_text(original)
+    assert "cascade" in message and "CAML" in message
