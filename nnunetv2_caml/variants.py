@@ -97,3 +97,14 @@ class nnUNetTrainerCAML_tiny(nnUNetTrainerCAML):
         self.num_epochs = 2
         self.num_iterations_per_epoch = 2
         self.num_val_iterations_per_epoch = 1
+
+
+class nnUNetTrainerCAML_demo(nnUNetTrainerCAML):
+    """The schedule of ``nnUNetv2_caml_demo``: a few minutes on 2 CPU cores with the demo's small configuration."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 40
+        self.num_iterations_per_epoch = 10
+        self.num_val_iterations_per_epoch = 2

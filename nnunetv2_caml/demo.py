@@ -1,0 +1,162 @@
+"""``nnUNetv2_caml_demo``: the whole CAML pipeline on a small synthetic dataset, through nnU-Net's own tools.
+
+Steps (each one a real command-line tool in a subprocess):
+  1. generate a synthetic semi-supervised dataset (labeled, unlabeled and test volumes) into ``DIR/nnUNet_raw``;
+  2. ``nnUNetv2_plan_and_preprocess``; 3. ``nnUNetv2_caml_preprocess_unlabeled``;
+  4. add a CPU-sized configuration ``3d_cpu`` to the plans and ``nnUNetv2_train ... -tr nnUNetTrainerCAML_demo``;
+  5. ``nnUNetv2_predict`` on the test images; 6. ``nnUNetv2_evaluate_simple`` against the test labels;
+then prints per-case and mean Dice and writes ``DIR/caml_demo.png`` (image / ground truth / prediction).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import numpy as np
+
+from nnunetv2_caml.synthetic import dataset_name, generate_dataset
+
+DEMO_DATASET_IDS = {"atrium": 501, "vessel": 502}
+DEMO_TRAINER = "nnUNetTrainerCAML_demo"
+DEMO_CONFIGURATION = "3d_cpu"
+TRAINERS_FOLDER = Path(__file__).resolve().parents[1] / "trainers"
+
+
+def _tool(name: str) -> str:
+    """A command-line tool installed beside this Python interpreter (the same environment), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
+def _run(step: str, args: List[str], env: dict, log_file: Path) -> None:
+    print(f"[caml-demo] {step}: {' '.join(str(a) for a in args)}", flush=True)
+    start = time.time()
+    with open(log_file, "a") as log:
+        log.write(f"\n### {step}\n")
+        log.flush()
+        result = subprocess.run([_tool(args[0]), *map(str, args[1:])], env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"ERROR: {step} failed (exit code {result.returncode}); see {log_file}")
+    print(f"[caml-demo]   done in {time.time() - start:.0f} s", flush=True)
+
+
+def _trainers_folder() -> Path:
+    if not (TRAINERS_FOLDER / "nnUNetTrainerCAML.py").is_file():
+        raise SystemExit(f"ERROR: {TRAINERS_FOLDER} with the thin trainer modules is missing; install nnunetv2_caml "
+                         f"from its repository with 'pip install -e .'")
+    return TRAINERS_FOLDER
+
+
+def write_overview_png(images_folder: Path, labels_folder: Path, predictions_folder: Path, output_file: Path,
+                       dice: dict) -> None:
+    """One row per test case: image, ground truth and prediction on the axial slice with the most foreground."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    cases = sorted(p.name[:-len(".nii.gz")] for p in labels_folder.glob("*.nii.gz"))
+    fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
+    for row, case in zip(axes, cases):
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(images_folder / f"{case}_0000.nii.gz")))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_folder / f"{case}.nii.gz")))
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions_folder / f"{case}.nii.gz")))
+        z = int(np.argmax(label.reshape(label.shape[0], -1).sum(1)))
+        for ax, overlay, title in zip(row, (None, label, prediction),
+                                      ("image", "ground truth", f"prediction (Dice {dice.get(case, np.nan):.3f})")):
+            ax.imshow(image[z], cmap="gray")
+            if overlay is not None:
+                ax.imshow(np.ma.masked_equal(overlay[z], 0), cmap="autumn", alpha=0.6, vmin=0, vmax=1)
+            ax.set_title(f"{case} z={z}: {title}", fontsize=8)
+            ax.axis("off")
+    plt.tight_layout()
+    fig.savefig(output_file, dpi=100)
+    plt.close(fig)
+
+
+def run_demo(workdir: str, task: str = "atrium", device: str = "auto", overwrite: bool = False,
+             num_labeled: int = 4, num_unlabeled: int = 16, num_test: int = 6) -> dict:
+    """Run the demo in ``workdir``; returns ``{"dice": {case: dice}, "mean_dice": float, ...}``."""
+    from nnunetv2_caml.small_configuration import add_small_configuration
+
+    workdir = Path(workdir).resolve()
+    if task not in DEMO_DATASET_IDS:
+        raise SystemExit(f"ERROR: unknown task {task!r}; choose one of {sorted(DEMO_DATASET_IDS)}")
+    dataset_id = DEMO_DATASET_IDS[task]
+    name = dataset_name(dataset_id, task)
+    results = workdir / "nnUNet_results" / name
+    if results.exists() and not overwrite:
+        raise SystemExit(f"ERROR: {results} already holds a demo run; pass --overwrite to replace it or choose "
+                         f"another --workdir")
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    env = dict(os.environ)
+    env.update({"nnUNet_raw": str(workdir / "nnUNet_raw"),
+                "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
+                "nnUNet_results": str(workdir / "nnUNet_results"),
+                "nnUNet_extTrainer": str(_trainers_folder())})
+    env.setdefault("nnUNet_n_proc_DA", "2" if device == "cuda" else "1")
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_file = workdir / "caml_demo.log"
+    start = time.time()
+
+    print(f"[caml-demo] generating synthetic '{task}' data: {num_labeled} labeled, {num_unlabeled} unlabeled, "
+          f"{num_test} test volumes", flush=True)
+    raw = Path(generate_dataset(env["nnUNet_raw"], dataset_id, task, num_labeled, num_unlabeled, num_test,
+                                overwrite=overwrite))
+    _run("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "2",
+                                 "--verify_dataset_integrity"], env, log_file)
+    _run("preprocess unlabeled", ["nnUNetv2_caml_preprocess_unlabeled", "-d", dataset_id, "-c", "3d_fullres",
+                                  "-np", "2", "--overwrite"], env, log_file)
+    add_small_configuration(dataset_id, DEMO_CONFIGURATION, features_per_stage=(8, 16, 32, 64),
+                            patch_size=(32, 48, 48), batch_size=2)
+    fold = "all" if num_labeled < 5 else "0"
+    _run(f"train {DEMO_TRAINER} (fold {fold})", ["nnUNetv2_train", dataset_id, DEMO_CONFIGURATION, fold, "-tr",
+                                                DEMO_TRAINER, "-device", device], env, log_file)
+    predictions = workdir / "predictions" / name
+    _run("predict test images", ["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", predictions, "-d", dataset_id,
+                                 "-c", DEMO_CONFIGURATION, "-f", fold, "-tr", DEMO_TRAINER, "-chk",
+                                 "checkpoint_final.pth", "-device", device, "-npp", "1", "-nps", "1"],
+         env, log_file)
+    summary_file = predictions / "summary.json"
+    _run("evaluate", ["nnUNetv2_evaluate_simple", raw / "labelsTs", predictions, "-l", "1", "-o", summary_file],
+         env, log_file)
+
+    summary = json.loads(summary_file.read_text())
+    dice = {Path(c["reference_file"]).name[:-len(".nii.gz")]: c["metrics"]["1"]["Dice"]
+            for c in summary["metric_per_case"]}
+    mean_dice = summary["foreground_mean"]["Dice"]
+    print("\n[caml-demo] test-set Dice (main network, nnUNetv2_predict):")
+    for case, value in sorted(dice.items()):
+        print(f"  {case}: {value:.4f}")
+    print(f"  mean: {mean_dice:.4f}")
+    png = workdir / "caml_demo.png"
+    write_overview_png(raw / "imagesTs", raw / "labelsTs", predictions, png, dice)
+    training_folder = results / f"{DEMO_TRAINER}__nnUNetPlans__{DEMO_CONFIGURATION}" / f"fold_{fold}"
+    print(f"[caml-demo] slices: {png}\n[caml-demo] training curves: {training_folder / 'progress.png'}\n"
+          f"[caml-demo] log: {log_file}\n[caml-demo] total time {time.time() - start:.0f} s")
+    return {"dice": dice, "mean_dice": mean_dice, "png": str(png), "training_folder": str(training_folder)}
+
+
+def demo_entry():
+    parser = argparse.ArgumentParser(description="Run CAML end to end on a synthetic dataset with nnU-Net's tools.")
+    parser.add_argument("--workdir", default="caml_demo",
+                        help="folder for nnUNet_raw, nnUNet_preprocessed, nnUNet_results (default: ./caml_demo)")
+    parser.add_argument("--task", default="atrium", choices=sorted(DEMO_DATASET_IDS),
+                        help="atrium-like blobs (default) or a vessel-like tree")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --workdir")
+    args = parser.parse_args()
+    run_demo(args.workdir, args.task, args.device, args.overwrite)
+
+
+if __name__ == "__main__":
+    demo_entry()
