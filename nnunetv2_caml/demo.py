@@ -102,6 +102,7 @@ def run_demo(workdir: str, task: str = "atrium", device: str = "auto", overwrite
                 "nnUNet_results": str(workdir / "nnUNet_results"),
                 "nnUNet_extTrainer": str(_trainers_folder())})
     env.setdefault("nnUNet_n_proc_DA", "2" if device == "cuda" else "1")
+    env.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net's export pools would spawn 8 workers
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = workdir / "caml_demo.log"

@@ -21,6 +21,7 @@ def nnunet_env(root: Path) -> dict:
         "nnUNet_results": str(root / "nnUNet_results"),
         "nnUNet_extTrainer": str(REPO / "trainers"),
         "nnUNet_n_proc_DA": "0",
+        "nnUNet_def_n_proc": "1",  # nnU-Net's export pools spawn 8 torch-importing workers by default
         "nnUNet_compile": "0",
         "OMP_NUM_THREADS": "2",
     })
