@@ -45,6 +45,25 @@ class nnUNetTrainerCAML_detachTargets(nnUNetTrainerCAML):
         self.detach_sharpened_targets = True
 
 
+# ----------------------------------------------------------------------------- ramp-up (paper: R per labeled count)
+class nnUNetTrainerCAML_rampup40(nnUNetTrainerCAML):
+    """Ramp-up over 40 % of training: the paper's setting for 4 labeled LA scans (R = 40 of 100 ramp steps)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.rampup_fraction = 0.4
+
+
+class nnUNetTrainerCAML_rampup15(nnUNetTrainerCAML):
+    """Ramp-up over 15 % of training: the paper's setting for 16 labeled LA scans (8 labeled: the default 0.2)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.rampup_fraction = 0.15
+
+
 # ----------------------------------------------------------------------------- training length
 class nnUNetTrainerCAML_1epoch(nnUNetTrainerCAML):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
