@@ -116,7 +116,8 @@ def run_demo(workdir: str, task: str = "atrium", device: str = "auto", overwrite
                                  "--verify_dataset_integrity"], env, log_file)
     _run("preprocess unlabeled", ["nnUNetv2_caml_preprocess_unlabeled", "-d", dataset_id, "-c", "3d_fullres",
                                   "-np", "2", "--overwrite"], env, log_file)
-    add_small_configuration(dataset_id, DEMO_CONFIGURATION, features_per_stage=(8, 16, 32, 64),
+    # five stages: CMA (on the stage above the bottleneck) then attends over 4x6x6 positions, cheap on a CPU
+    add_small_configuration(dataset_id, DEMO_CONFIGURATION, features_per_stage=(8, 16, 32, 64, 96),
                             patch_size=(32, 48, 48), batch_size=2)
     fold = "all" if num_labeled < 5 else "0"
     _run(f"train {DEMO_TRAINER} (fold {fold})", ["nnUNetv2_train", dataset_id, DEMO_CONFIGURATION, fold, "-tr",

@@ -124,6 +124,6 @@ class nnUNetTrainerCAML_demo(nnUNetTrainerCAML):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 40
-        self.num_iterations_per_epoch = 10
+        self.num_epochs = 10
+        self.num_iterations_per_epoch = 20
         self.num_val_iterations_per_epoch = 2
