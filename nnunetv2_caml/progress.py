@@ -1,13 +1,17 @@
 """Per-epoch logging of CAML's loss terms, ramp-up weights and memory bank fill, drawn into ``progress.png``.
 
 nnU-Net's ``LocalLogger`` only accepts keys it knows and draws its own three panels. :class:`CAMLLocalLogger`
-registers CAML's keys and draws nnU-Net's figure unchanged with CAML's panels underneath, in the same
+registers CAML's keys and stacks two panels of CAML curves under nnU-Net's unchanged figure, in the same
 ``progress.png``.
 """
+import io
+
 import matplotlib
 
 matplotlib.use("agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+from PIL import Image  # noqa: E402
 from batchgenerators.utilities.file_and_folder_operations import join  # noqa: E402
 from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
 
@@ -34,23 +38,19 @@ class CAMLLocalLogger(LocalLogger):
         epochs = min(len(v) for v in self.my_fantastic_logging.values())
         if epochs == 0:
             return
-        # nnU-Net's own figure, read back and placed on top of CAML's panels
-        super().plot_progress_png(output_folder)
-        nnunet_figure = plt.imread(join(output_folder, "progress.png"))
+        super().plot_progress_png(output_folder)  # nnU-Net's figure, exactly as nnU-Net draws it
         log = self.my_fantastic_logging
         x = list(range(epochs))
-        fig, axes = plt.subplots(3, 1, figsize=(30, 84), gridspec_kw={"height_ratios": [54, 15, 15]})
-        axes[0].imshow(nnunet_figure)
-        axes[0].axis("off")
-
-        ax = axes[1]
+        sns.set(font_scale=2.5)
+        fig, axes = plt.subplots(2, 1, figsize=(30, 30))
+        ax = axes[0]
         for key, label in CAML_LOSS_KEYS.items():
             ax.plot(x, log[key][:epochs], ls="-", label=label, linewidth=4)
         ax.set_xlabel("epoch")
         ax.set_ylabel("CAML loss terms")
         ax.legend(loc=(0, 1), ncol=4)
 
-        ax = axes[2]
+        ax = axes[1]
         for key, label in CAML_WEIGHT_KEYS.items():
             ax.plot(x, log[key][:epochs], ls="-", label=label, linewidth=4)
         ax.set_xlabel("epoch")
@@ -60,7 +60,17 @@ class CAMLLocalLogger(LocalLogger):
         ax2.plot(x, log[CAML_MEMORY_KEY][:epochs], color="k", ls="--", label="memory bank entries", linewidth=3)
         ax2.set_ylabel("memory bank entries")
         ax2.legend(loc=(0.4, 1))
-
         plt.tight_layout()
-        fig.savefig(join(output_folder, "progress.png"))
+        caml_panels = io.BytesIO()
+        fig.savefig(caml_panels, format="png")
         plt.close(fig)
+
+        # stack CAML's panels under nnU-Net's figure, in the same progress.png (pasting images is far cheaper than
+        # drawing nnU-Net's figure into ours)
+        path = join(output_folder, "progress.png")
+        with Image.open(path) as nnunet_figure, Image.open(caml_panels) as caml_figure:
+            combined = Image.new("RGB", (max(nnunet_figure.width, caml_figure.width),
+                                         nnunet_figure.height + caml_figure.height), "white")
+            combined.paste(nnunet_figure.convert("RGB"), (0, 0))
+            combined.paste(caml_figure.convert("RGB"), (0, nnunet_figure.height))
+        combined.save(path, compress_level=1)
