@@ -43,20 +43,14 @@ class CAMLLocalLogger(LocalLogger):
         x = list(range(epochs))
         sns.set(font_scale=2.5)
         fig, axes = plt.subplots(2, 1, figsize=(30, 30))
-        ax = axes[0]
-        for key, label in CAML_LOSS_KEYS.items():
-            ax.plot(x, log[key][:epochs], ls="-", label=label, linewidth=4)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("CAML loss terms")
-        ax.legend(loc=(0, 1), ncol=4)
-
-        ax = axes[1]
-        for key, label in CAML_WEIGHT_KEYS.items():
-            ax.plot(x, log[key][:epochs], ls="-", label=label, linewidth=4)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("ramp-up weight")
-        ax.legend(loc=(0, 1), ncol=2)
-        ax2 = ax.twinx()
+        for ax, keys, ylabel in ((axes[0], CAML_LOSS_KEYS, "CAML loss terms"),
+                                 (axes[1], CAML_WEIGHT_KEYS, "ramp-up weight")):
+            for key, label in keys.items():
+                ax.plot(x, log[key][:epochs], ls="-", label=label, linewidth=4)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.legend(loc=(0, 1), ncol=len(keys))
+        ax2 = axes[1].twinx()  # the memory bank fill beside the ramp-up weights
         ax2.plot(x, log[CAML_MEMORY_KEY][:epochs], color="k", ls="--", label="memory bank entries", linewidth=3)
         ax2.set_ylabel("memory bank entries")
         ax2.legend(loc=(0.4, 1))
