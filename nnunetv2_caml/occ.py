@@ -11,7 +11,7 @@ confident per class. Here the ``top_k`` are chosen first (the choice depends onl
 are projected, which keeps the heads' cost independent of nnU-Net's patch size. The heads' BatchNorm therefore sees
 the selected voxels rather than all agreeing ones.
 """
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -109,6 +109,3 @@ class OmniCorrelationConsistency(nn.Module):
             return features_main.new_zeros(())
         return omni_correlation_consistency_loss(corr_aux, corr_main)
 
-    def memory_fill(self) -> List[int]:
-        """Entries stored in the memory bank, per class."""
-        return self.memory_bank.fill()

@@ -228,7 +228,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         outputs = collate_outputs(train_outputs)
         for key in (*CAML_LOSS_KEYS, "caml_lambda_c", "caml_lambda_o"):
             self.logger.log(key, float(np.mean(outputs[key])), self.current_epoch)
-        fill = self.occ.memory_fill()
+        fill = self.occ.memory_bank.fill()
         self.logger.log(CAML_MEMORY_KEY, int(sum(fill)), self.current_epoch)
         self.print_to_log_file(
             "CAML: " + ", ".join(f"{k[5:]} {np.round(np.mean(outputs[k]), 4)}" for k in CAML_LOSS_KEYS) +
