@@ -16,6 +16,10 @@ import torch
 class LabeledMemoryBank:
     """Per-case, per-class store of labeled voxel embeddings.
 
+    Storage is one preallocated tensor ``[classes, cases, entries_per_case, D]`` plus the number of entries each case
+    holds per class, so updating a case overwrites its slots and sampling indexes the stored entries in place (no
+    concatenation of the bank per step). Room for more cases is added by doubling when a new case id arrives.
+
     Args:
         num_classes: number of classes (including background).
         embedding_dim: length ``D`` of each embedding.
@@ -29,9 +33,27 @@ class LabeledMemoryBank:
             raise ValueError("num_classes, embedding_dim and entries_per_case must be positive")
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
-        self.entries_per_case = entries_per_case
         self.device = torch.device(device)
-        self._entries: Dict[str, List[torch.Tensor]] = {}
+        self._allocate(entries_per_case)
+
+    def _allocate(self, entries_per_case: int, capacity: int = 0) -> None:
+        self.entries_per_case = entries_per_case
+        self._rows: Dict[str, int] = {}  # case id -> its row in the storage
+        self._embeddings = torch.zeros(self.num_classes, capacity, entries_per_case, self.embedding_dim,
+                                       device=self.device)
+        self._counts = torch.zeros(self.num_classes, capacity, dtype=torch.long, device=self.device)
+
+    def _row(self, case_id: str) -> int:
+        """The storage row of ``case_id``, adding one (and doubling the room when full) for a new case."""
+        if case_id not in self._rows:
+            capacity = self._counts.shape[1]
+            if len(self._rows) == capacity:
+                grow = max(capacity, 8)
+                self._embeddings = torch.cat((self._embeddings, self._embeddings.new_zeros(
+                    self.num_classes, grow, self.entries_per_case, self.embedding_dim)), dim=1)
+                self._counts = torch.cat((self._counts, self._counts.new_zeros(self.num_classes, grow)), dim=1)
+            self._rows[case_id] = len(self._rows)
+        return self._rows[case_id]
 
     def update(self, case_id: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Replace what ``case_id`` stored with ``embeddings`` ``[N, D]`` of classes ``labels`` ``[N]``."""
@@ -42,7 +64,11 @@ class LabeledMemoryBank:
         keep = self.indices_to_store(labels)
         embeddings = embeddings.detach()[keep].to(self.device, torch.float32)
         labels = labels[keep].to(self.device)
-        self._entries[str(case_id)] = [embeddings[labels == c] for c in range(self.num_classes)]
+        row = self._row(str(case_id))
+        for c in range(self.num_classes):
+            of_class = embeddings[labels == c]
+            self._embeddings[c, row, :of_class.shape[0]] = of_class
+            self._counts[c, row] = of_class.shape[0]
 
     def indices_to_store(self, labels: torch.Tensor) -> torch.Tensor:
         """Which of the voxels with classes ``labels`` ``[N]`` a case keeps: a uniform random subset of at most
@@ -53,6 +79,12 @@ class LabeledMemoryBank:
             kept.append(of_class[torch.randperm(of_class.numel(), device=labels.device)[:self.entries_per_case]])
         return torch.cat(kept)
 
+    def _stored(self, c: int) -> torch.Tensor:
+        """Flat indices into ``self._embeddings[c].view(-1, D)`` of every entry stored for class ``c``."""
+        counts = self._counts[c, :len(self._rows)]
+        slots = torch.arange(self.entries_per_case, device=self.device)
+        return torch.nonzero((slots[None] < counts[:, None]).flatten(), as_tuple=True)[0]
+
     def sample(self, num_per_class: int) -> List[Optional[torch.Tensor]]:
         """Draw ``num_per_class`` entries per class uniformly without replacement from all stored entries.
 
@@ -60,35 +92,33 @@ class LabeledMemoryBank:
         """
         sampled: List[Optional[torch.Tensor]] = []
         for c in range(self.num_classes):
-            stored = [per_class[c] for per_class in self._entries.values() if per_class[c].shape[0] > 0]
-            if not stored:
+            stored = self._stored(c)
+            if stored.numel() < 2:
                 sampled.append(None)
                 continue
-            pool = torch.cat(stored, dim=0)
-            if pool.shape[0] < 2:
-                sampled.append(None)
-            elif pool.shape[0] > num_per_class:
-                sampled.append(pool[torch.randperm(pool.shape[0], device=self.device)[:num_per_class]])
-            else:
-                sampled.append(pool)
+            if stored.numel() > num_per_class:
+                stored = stored[torch.randperm(stored.numel(), device=self.device)[:num_per_class]]
+            sampled.append(self._embeddings[c].view(-1, self.embedding_dim)[stored])
         return sampled
 
     def fill(self) -> List[int]:
         """Number of stored entries per class."""
-        return [sum(int(per_class[c].shape[0]) for per_class in self._entries.values())
-                for c in range(self.num_classes)]
+        return self._counts.sum(1).tolist()
 
     @property
     def case_ids(self) -> List[str]:
-        return sorted(self._entries)
+        return sorted(self._rows)
 
     def state_dict(self) -> dict:
         """Everything needed to restore the bank, on the CPU (for checkpoints)."""
+        counts = self._counts.cpu()
+        embeddings = self._embeddings.cpu()
         return {
             "num_classes": self.num_classes,
             "embedding_dim": self.embedding_dim,
             "entries_per_case": self.entries_per_case,
-            "entries": {k: [t.cpu() for t in v] for k, v in self._entries.items()},
+            "entries": {case: [embeddings[c, row, :counts[c, row]].clone() for c in range(self.num_classes)]
+                        for case, row in self._rows.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -97,5 +127,9 @@ class LabeledMemoryBank:
             if state[key] != getattr(self, key):
                 raise ValueError(f"memory bank in checkpoint has {key}={state[key]}, this trainer uses "
                                  f"{getattr(self, key)}")
-        self.entries_per_case = state["entries_per_case"]
-        self._entries = {k: [t.to(self.device) for t in v] for k, v in state["entries"].items()}
+        self._allocate(state["entries_per_case"], len(state["entries"]))
+        for case, per_class in state["entries"].items():
+            row = self._row(case)
+            for c, entries in enumerate(per_class):
+                self._embeddings[c, row, :entries.shape[0]] = entries.to(self.device)
+                self._counts[c, row] = entries.shape[0]

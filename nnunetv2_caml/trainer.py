@@ -204,12 +204,10 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(parameters, 12)
             self.optimizer.step()
         self._iterations_this_epoch += 1
-        return {"loss": loss.detach().cpu().numpy(),
-                "caml_loss_sup_main": loss_sup_main.detach().cpu().numpy(),
-                "caml_loss_sup_aux": loss_sup_aux.detach().cpu().numpy(),
-                "caml_loss_consistency": loss_consistency.detach().cpu().numpy(),
-                "caml_loss_occ": loss_occ.detach().cpu().numpy(),
-                "caml_lambda_c": np.float64(lambda_c), "caml_lambda_o": np.float64(lambda_o)}
+        terms = {"loss": loss, "caml_loss_sup_main": loss_sup_main, "caml_loss_sup_aux": loss_sup_aux,
+                 "caml_loss_consistency": loss_consistency, "caml_loss_occ": loss_occ}
+        values = torch.stack([t.detach().float() for t in terms.values()]).cpu().numpy()  # one copy to the host
+        return {**dict(zip(terms, values)), "caml_lambda_c": np.float64(lambda_c), "caml_lambda_o": np.float64(lambda_o)}
 
     def omni_correlation_consistency(self, features_main, features_aux, probs_main, probs_aux, target,
                                      num_labeled: int, labeled_case_ids: List[str]) -> torch.Tensor:

@@ -55,7 +55,7 @@ def caml_dataset(tmp_path_factory):
              "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"})
     run_cli(["nnUNetv2_caml_preprocess_unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1"], env)
     code = ("from nnunetv2_caml.small_configuration import add_small_configuration as a; "
-            f"a({DATASET_ID}, '{CONFIGURATION}', features_per_stage=(8, 16, 32), patch_size=(32, 40, 40))")
+            f"a({DATASET_ID}, '{CONFIGURATION}', features_per_stage=(8, 16, 32, 64), patch_size=(32, 40, 40))")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     return {"root": root, "env": env, "raw": dataset_folder, "dataset_id": DATASET_ID,
             "dataset_name": dataset_folder.name, "configuration": CONFIGURATION,

@@ -133,3 +133,28 @@ def test_dropout_active_in_train_mode():
     assert not torch.allclose(a, b)
     torch.manual_seed(5)
     torch.testing.assert_close(cma(x), a)
+
+
+def test_layers_compute_what_pytorch_transformer_layer_computes():
+    # CMA's layers re-route self-attention (for a cheaper dropout mask on the CPU): without dropout they must give
+    # exactly what nn.TransformerEncoderLayer gives with the same parameters
+    torch.manual_seed(0)
+    cma = CrossSampleMutualAttention(C, num_heads=4, dropout=0.0).double().train()
+    reference = torch.nn.TransformerEncoderLayer(C, 4, 4 * C, dropout=0.0, batch_first=True).double().train()
+    reference.load_state_dict(cma.intra_sample.state_dict())
+    tokens = _x((3, 7, C))
+    torch.testing.assert_close(cma.intra_sample(tokens), reference(tokens), rtol=1e-12, atol=1e-12)
+
+
+def test_attention_dropout_drops_weights_with_probability_p_and_is_unbiased():
+    from nnunetv2_caml.cma import self_attention
+
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(C, 4, dropout=0.5, batch_first=True).double()
+    x = _x((2, 6, C))
+    exact = self_attention(x, attention, training=False)
+    torch.testing.assert_close(exact, attention.eval()(x, x, x, need_weights=False)[0])
+    draws = torch.stack([self_attention(x, attention, training=True) for _ in range(2000)])
+    assert not torch.allclose(draws[0], draws[1])
+    # dropout rescales by 1/(1-p): the mean over many draws approaches the exact output
+    torch.testing.assert_close(draws.mean(0), exact, rtol=0, atol=0.05)
