@@ -72,14 +72,13 @@ def _nnunet_env(workdir: Path, results: Path = None) -> dict:
     return env
 
 
-def label_counts(settings: dict, calibrate: List[int]) -> List[int]:
-    """Labeled counts with a fold each: fold i of ``splits_final.json`` trains on the first ``counts[i]`` cases."""
-    total = settings["labeled"] + settings["unlabeled"]
-    return sorted({settings["labeled"], total, *calibrate})
+def fold_of(labeled: int) -> int:
+    """``splits_final.json`` has one fold per labeled count: fold ``n - 1`` trains on the first ``n`` cases."""
+    return labeled - 1
 
 
-def prepare_task(workdir: Path, task: str, settings: dict, calibrate: List[int], log_file: Path) -> str:
-    """Generate, plan and preprocess the task's dataset once; (re)write its splits; return the dataset name."""
+def prepare_task(workdir: Path, task: str, settings: dict, log_file: Path) -> str:
+    """Generate, plan and preprocess the task's dataset and write its splits, once; return the dataset name."""
     from nnunetv2_caml.demo import _run
     from nnunetv2_caml.small_configuration import add_small_configuration
     from nnunetv2_caml.synthetic import dataset_name, generate_dataset
@@ -107,11 +106,11 @@ def prepare_task(workdir: Path, task: str, settings: dict, calibrate: List[int],
                                                "3d_fullres", "-np", "2"], env, log_file)
         add_small_configuration(dataset_id, CONFIGURATION, features_per_stage=settings["features"],
                                 patch_size=settings["patch"], batch_size=settings["batch_size"])
+        cases = [f"lab_{i:03d}" for i in range(total)]
+        # nnU-Net needs validation cases for its per-epoch pseudo Dice; the benchmark scores on the test set instead
+        splits = [{"train": cases[:n], "val": cases[:min(n, 2)]} for n in range(1, total + 1)]
+        (preprocessed / "splits_final.json").write_text(json.dumps(splits, indent=1))
         (preprocessed / ".prepared").write_text(json.dumps(settings))
-    cases = [f"lab_{i:03d}" for i in range(total)]
-    # nnU-Net needs validation cases for its per-epoch pseudo Dice; the benchmark scores on the test set instead
-    splits = [{"train": cases[:n], "val": cases[:min(n, 2)]} for n in label_counts(settings, calibrate)]
-    (preprocessed / "splits_final.json").write_text(json.dumps(splits, indent=1))
     return name
 
 
@@ -373,15 +372,14 @@ def main(argv=None) -> None:
     parallel = args.parallel or (len(arms) if device == "cuda" else 1)
     log_file = workdir / "ssl_gain.log"
 
-    counts = label_counts(settings, args.calibrate)
     runs = []
     for task in args.tasks:
-        name = prepare_task(workdir, task, settings, args.calibrate, log_file)
+        name = prepare_task(workdir, task, settings, log_file)
         raw = workdir / "nnUNet_raw" / name
         for seed in args.seeds:
             for arm, (trainer, labeled) in arms.items():
                 runs.append({"task": task, "arm": arm, "seed": seed, "trainer": trainer, "labeled": labeled,
-                             "fold": counts.index(labeled), "dataset": name, "steps": args.steps,
+                             "fold": fold_of(labeled), "dataset": name, "steps": args.steps,
                              "iterations_per_epoch": args.iterations_per_epoch, "device": device,
                              "folder": str(workdir / "runs" / task / arm / f"seed_{seed}"),
                              "test_images": str(raw / "imagesTs"), "test_labels": str(raw / "labelsTs")})
