@@ -327,7 +327,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", help="folder for data, runs and the table (reruns resume here)")
     parser.add_argument("--tasks", nargs="+", default=["atrium", "vessel"], choices=sorted(DATASET_IDS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), help="arms to run (default: all six)")
+    parser.add_argument("--arms", nargs="*", default=list(DEFAULT_ARMS), help="arms to run (default: all six)")
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=TRAINER",
                         help="an extra arm: any trainer on the labeled fold (repeatable)")
     parser.add_argument("--calibrate", nargs="*", type=int, default=[], metavar="N",
