@@ -225,8 +225,7 @@ def summarise(results: List[dict], arms: List[str]) -> Dict[str, Dict[str, dict]
             means = np.array([runs[s]["mean_dice"] for s in sorted(runs)])
             row = {"seeds": sorted(runs), "per_seed": [float(m) for m in means], "mean": float(means.mean()),
                    "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0, "worst_seed": float(means.min()),
-                   "worst_case": float(min(min(r["dice"].values()) for r in runs.values())),
-                   "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in runs.values()]))}
+                   "worst_case": float(min(min(r["dice"].values()) for r in runs.values()))}
             common = sorted(set(runs) & set(low) & set(high))
             if common:
                 gap = np.mean([high[s]["mean_dice"] - low[s]["mean_dice"] for s in common])
@@ -241,14 +240,14 @@ def format_table(table: Dict[str, Dict[str, dict]], header: str) -> str:
     lines = [header, ""]
     for task, rows in table.items():
         lines += [f"**{task}** (mean test Dice over seeds)", "",
-                  "| arm | mean ± std | per seed | worst seed | worst case | gap closed | gain per seed | s/step |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| arm | mean ± std | per seed | worst seed | worst case | gap closed | gain per seed |",
+                  "|---|---|---|---|---|---|---|"]
         for arm, row in rows.items():
             gap = f"{100 * row['gap_closed']:.0f} %" if "gap_closed" in row else "—"
             gains = " ".join(f"{g:+.3f}" for g in row["gain_per_seed"]) if "gain_per_seed" in row else "—"
             lines.append(f"| {arm} | {row['mean']:.3f} ± {row['std']:.3f} | "
                          f"{' '.join(f'{v:.3f}' for v in row['per_seed'])} | {row['worst_seed']:.3f} | "
-                         f"{row['worst_case']:.3f} | {gap} | {gains} | {row['seconds_per_step']:.2f} |")
+                         f"{row['worst_case']:.3f} | {gap} | {gains} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,0 +1,107 @@
+"""benchmarks/ssl_gain.py: the table's arithmetic, and a tiny real benchmark that keeps finished arms on a rerun."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "ssl_gain.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("ssl_gain", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(arm, seed, dice):
+    return {"task": "atrium", "arm": arm, "seed": seed, "mean_dice": sum(dice) / len(dice),
+            "dice": {f"ts_{i}": d for i, d in enumerate(dice)}}
+
+
+def test_summary_gap_closed_spread_and_worst_case():
+    ssl_gain = _module()
+    results = [_result("labeled_only", 0, [0.6, 0.8]), _result("labeled_only", 1, [0.5, 0.7]),
+               _result("caml", 0, [0.8, 0.8]), _result("caml", 1, [0.6, 0.72]),
+               _result("all_labeled", 0, [0.9, 0.9]), _result("all_labeled", 1, [0.8, 0.8])]
+    table = ssl_gain.summarise(results, ["labeled_only", "caml", "all_labeled"])["atrium"]
+    assert table["labeled_only"]["mean"] == pytest.approx(0.65)
+    assert table["caml"]["per_seed"] == pytest.approx([0.8, 0.66])
+    assert table["caml"]["std"] == pytest.approx(0.09899, abs=1e-4)
+    assert table["caml"]["worst_seed"] == pytest.approx(0.66)
+    assert table["caml"]["worst_case"] == pytest.approx(0.6)
+    # gap: all_labeled - labeled_only = (0.2 + 0.2) / 2; gain: (0.1 + 0.06) / 2 -> 40 % closed
+    assert table["caml"]["gap_closed"] == pytest.approx(0.4)
+    assert table["caml"]["gain_per_seed"] == pytest.approx([0.1, 0.06])
+    assert table["labeled_only"]["gap_closed"] == pytest.approx(0.0)
+    assert table["all_labeled"]["gap_closed"] == pytest.approx(1.0)
+    text = ssl_gain.format_table({"atrium": table}, "header")
+    assert "| caml | 0.730 ± 0.099 | 0.800 0.660 | 0.660 | 0.600 | 40 % | +0.100 +0.060 |" in text.splitlines()
+
+
+def _benchmark(workdir, *extra):
+    return subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(workdir), "--tasks", "atrium", "--seeds", "0",
+                           "--labeled", "2", "--unlabeled", "2", "--test", "2", "--shape", "32", "40", "40",
+                           "--features", "8", "16", "32", "64", "--steps", "4", "--iterations-per-epoch", "2",
+                           "--device", "cpu", *extra], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "2"})
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ssl_gain")
+    result = _benchmark(workdir, "--arms", "labeled_only", "caml", "all_labeled")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir, result
+
+
+def test_benchmark_trains_scores_and_tabulates_every_arm(benchmark_run):
+    workdir, result = benchmark_run
+    assert "3 to run" in result.stdout
+    for arm, trainer, labeled in (("labeled_only", "nnUNetTrainer", 2), ("caml", "nnUNetTrainerCAML", 2),
+                                  ("all_labeled", "nnUNetTrainer", 4)):
+        run = json.loads((workdir / "runs" / "atrium" / arm / "seed_0" / "result.json").read_text())
+        assert run["trainer"] == trainer and run["labeled"] == labeled and run["steps"] == 4
+        assert sorted(run["dice"]) == ["ts_000", "ts_001"]  # the test cases, never trained on
+        assert 0 <= run["mean_dice"] <= 1
+    # the labeled arms trained on the first 2 cases, the ceiling on all 4 (nnU-Net's log of the split)
+    log = (workdir / "runs" / "atrium" / "caml" / "seed_0" / "train.log").read_text()
+    assert "This split has 2 training" in log
+    log = (workdir / "runs" / "atrium" / "all_labeled" / "seed_0" / "train.log").read_text()
+    assert "This split has 4 training" in log
+    table = (workdir / "ssl_gain.md").read_text()
+    for arm in ("labeled_only", "caml", "all_labeled"):
+        assert f"| {arm} |" in table
+    assert "Device: CPU" in table and "--steps 4" in table
+    assert (workdir / "ssl_gain.png").stat().st_size > 0
+    summary = json.loads((workdir / "ssl_gain.json").read_text())
+    assert summary["table"]["atrium"]["all_labeled"]["gap_closed"] == pytest.approx(1.0)
+
+
+def test_rerun_keeps_finished_arms_and_adds_new_ones(benchmark_run):
+    workdir, _ = benchmark_run
+    caml_log = workdir / "runs" / "atrium" / "caml" / "seed_0" / "train.log"
+    before = caml_log.read_text()
+    # an arm that trained but was not scored yet (e.g. killed during prediction) is scored without training again
+    (workdir / "runs" / "atrium" / "caml" / "seed_0" / "result.json").unlink()
+    result = _benchmark(workdir, "--arms", "labeled_only", "caml", "all_labeled", "--calibrate", "3")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 of 4 runs already finished (kept); 2 to run" in result.stdout
+    assert caml_log.read_text()[len(before):].count("Epoch 0") == 0
+    assert (workdir / "runs" / "atrium" / "caml" / "seed_0" / "result.json").is_file()
+    run = json.loads((workdir / "runs" / "atrium" / "labeled_3" / "seed_0" / "result.json").read_text())
+    assert run["labeled"] == 3
+    assert "| labeled_3 |" in (workdir / "ssl_gain.md").read_text()
+
+
+def test_changed_settings_in_the_same_workdir_are_refused(benchmark_run):
+    workdir, _ = benchmark_run
+    result = _benchmark(workdir, "--arms", "labeled_only", "--steps", "6")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"ERROR: {workdir} holds runs made with steps=4; use another --workdir or pass --overwrite to start over"]
