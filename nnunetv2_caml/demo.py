@@ -5,7 +5,10 @@ Steps (each one a real command-line tool in a subprocess):
   2. ``nnUNetv2_plan_and_preprocess``; 3. ``nnUNetv2_caml_preprocess_unlabeled``;
   4. add a CPU-sized configuration ``3d_cpu`` to the plans and ``nnUNetv2_train ... -tr nnUNetTrainerCAML_demo``;
   5. ``nnUNetv2_predict`` on the test images; 6. ``nnUNetv2_evaluate_simple`` against the test labels;
-then prints per-case and mean Dice and writes ``DIR/caml_demo.png`` (image / ground truth / prediction).
+  7. steps 4-6 again for stock nnU-Net on the labeled cases alone, same plans and schedule
+     (``nnUNetTrainer_CAMLdemo``; ``--no-baseline`` skips it);
+then prints per-case and mean Dice of both side by side and writes ``DIR/caml_demo.png`` (image / ground truth /
+CAML's prediction / the baseline's).
 """
 import argparse
 import json
@@ -14,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from nnunetv2_caml.synthetic import dataset_name, generate_dataset
 
 DEMO_DATASET_IDS = {"atrium": 501, "vessel": 502}
 DEMO_TRAINER = "nnUNetTrainerCAML_demo"
+BASELINE_TRAINER = "nnUNetTrainer_CAMLdemo"  # stock nnU-Net, labeled cases only, same schedule
 DEMO_CONFIGURATION = "3d_cpu"
 TRAINERS_FOLDER = Path(__file__).resolve().parents[1] / "trainers"
 
@@ -51,23 +55,29 @@ def _trainers_folder() -> Path:
     return TRAINERS_FOLDER
 
 
-def write_overview_png(images_folder: Path, labels_folder: Path, predictions_folder: Path, output_file: Path,
-                       dice: dict) -> None:
-    """One row per test case: image, ground truth and prediction on the axial slice with the most foreground."""
+def write_overview_png(images_folder: Path, labels_folder: Path, predictions: Dict[str, Path], output_file: Path,
+                       dice: Dict[str, dict]) -> None:
+    """One row per test case: image, ground truth and each trainer's prediction on the axial slice with the most
+    foreground. ``predictions`` and ``dice`` are keyed by the name shown in the column titles."""
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
 
+    def read(path: Path) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
     cases = sorted(p.name[:-len(".nii.gz")] for p in labels_folder.glob("*.nii.gz"))
-    fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
+    columns = 2 + len(predictions)
+    fig, axes = plt.subplots(len(cases), columns, figsize=(3 * columns, 3 * len(cases)), squeeze=False)
     for row, case in zip(axes, cases):
-        image = sitk.GetArrayFromImage(sitk.ReadImage(str(images_folder / f"{case}_0000.nii.gz")))
-        label = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_folder / f"{case}.nii.gz")))
-        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions_folder / f"{case}.nii.gz")))
+        image = read(images_folder / f"{case}_0000.nii.gz")
+        label = read(labels_folder / f"{case}.nii.gz")
         z = int(np.argmax(label.reshape(label.shape[0], -1).sum(1)))
-        for ax, overlay, title in zip(row, (None, label, prediction),
-                                      ("image", "ground truth", f"prediction (Dice {dice.get(case, np.nan):.3f})")):
+        panels = [(None, "image"), (label, "ground truth")] + [
+            (read(folder / f"{case}.nii.gz"), f"{name} (Dice {dice[name].get(case, np.nan):.3f})")
+            for name, folder in predictions.items()]
+        for ax, (overlay, title) in zip(row, panels):
             ax.imshow(image[z], cmap="gray")
             if overlay is not None:
                 ax.imshow(np.ma.masked_equal(overlay[z], 0), cmap="autumn", alpha=0.6, vmin=0, vmax=1)
@@ -78,9 +88,30 @@ def write_overview_png(images_folder: Path, labels_folder: Path, predictions_fol
     plt.close(fig)
 
 
+def _train_predict_evaluate(trainer: str, dataset_id: int, fold: str, raw: Path, workdir: Path, device: str,
+                            env: dict, log_file: Path) -> Tuple[Path, dict, float]:
+    """``nnUNetv2_train``, ``nnUNetv2_predict`` on the test images and ``nnUNetv2_evaluate_simple`` for one trainer;
+    returns the predictions folder, Dice per test case and mean Dice."""
+    _run(f"train {trainer} (fold {fold})", ["nnUNetv2_train", dataset_id, DEMO_CONFIGURATION, fold, "-tr", trainer,
+                                            "-device", device], env, log_file)
+    predictions = workdir / "predictions" / trainer
+    _run(f"predict test images with {trainer}", [
+        "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", predictions, "-d", dataset_id, "-c", DEMO_CONFIGURATION,
+        "-f", fold, "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", device, "-npp", "1", "-nps", "1"],
+        env, log_file)
+    summary_file = predictions / "summary.json"
+    _run(f"evaluate {trainer}", ["nnUNetv2_evaluate_simple", raw / "labelsTs", predictions, "-l", "1", "-o",
+                                 summary_file], env, log_file)
+    summary = json.loads(summary_file.read_text())
+    dice = {Path(c["reference_file"]).name[:-len(".nii.gz")]: c["metrics"]["1"]["Dice"]
+            for c in summary["metric_per_case"]}
+    return predictions, dice, summary["foreground_mean"]["Dice"]
+
+
 def run_demo(workdir: str, task: str = "atrium", device: str = "auto", overwrite: bool = False,
-             num_labeled: int = 4, num_unlabeled: int = 16, num_test: int = 6) -> dict:
-    """Run the demo in ``workdir``; returns ``{"dice": {case: dice}, "mean_dice": float, ...}``."""
+             num_labeled: int = 4, num_unlabeled: int = 16, num_test: int = 6, baseline: bool = True) -> dict:
+    """Run the demo in ``workdir``; returns ``{"dice": {case: dice}, "mean_dice": float, "baseline_dice": ...,
+    "baseline_mean_dice": ..., ...}`` (the baseline's entries are None with ``baseline=False``)."""
     from nnunetv2_caml.small_configuration import add_small_configuration
 
     workdir = Path(workdir).resolve()
@@ -120,31 +151,25 @@ def run_demo(workdir: str, task: str = "atrium", device: str = "auto", overwrite
     add_small_configuration(dataset_id, DEMO_CONFIGURATION, features_per_stage=(8, 16, 32, 64, 96),
                             patch_size=(32, 48, 48), batch_size=2)
     fold = "all" if num_labeled < 5 else "0"
-    _run(f"train {DEMO_TRAINER} (fold {fold})", ["nnUNetv2_train", dataset_id, DEMO_CONFIGURATION, fold, "-tr",
-                                                DEMO_TRAINER, "-device", device], env, log_file)
-    predictions = workdir / "predictions" / name
-    _run("predict test images", ["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", predictions, "-d", dataset_id,
-                                 "-c", DEMO_CONFIGURATION, "-f", fold, "-tr", DEMO_TRAINER, "-chk",
-                                 "checkpoint_final.pth", "-device", device, "-npp", "1", "-nps", "1"],
-         env, log_file)
-    summary_file = predictions / "summary.json"
-    _run("evaluate", ["nnUNetv2_evaluate_simple", raw / "labelsTs", predictions, "-l", "1", "-o", summary_file],
-         env, log_file)
+    trainers = {"CAML": DEMO_TRAINER, **({"labeled-only nnU-Net": BASELINE_TRAINER} if baseline else {})}
+    predictions, dice, mean_dice = {}, {}, {}
+    for name, trainer in trainers.items():
+        predictions[name], dice[name], mean_dice[name] = _train_predict_evaluate(
+            trainer, dataset_id, fold, raw, workdir, device, env, log_file)
 
-    summary = json.loads(summary_file.read_text())
-    dice = {Path(c["reference_file"]).name[:-len(".nii.gz")]: c["metrics"]["1"]["Dice"]
-            for c in summary["metric_per_case"]}
-    mean_dice = summary["foreground_mean"]["Dice"]
-    print("\n[caml-demo] test-set Dice (main network, nnUNetv2_predict):")
-    for case, value in sorted(dice.items()):
-        print(f"  {case}: {value:.4f}")
-    print(f"  mean: {mean_dice:.4f}")
+    print(f"\n[caml-demo] test-set Dice ({num_labeled} labeled cases; main network, nnUNetv2_predict):")
+    print("  " + f"{'case':10s}" + "".join(f"{name:>22s}" for name in trainers))
+    for case in sorted(dice["CAML"]):
+        print("  " + f"{case:10s}" + "".join(f"{dice[name][case]:22.4f}" for name in trainers))
+    print("  " + f"{'mean':10s}" + "".join(f"{mean_dice[name]:22.4f}" for name in trainers))
     png = workdir / "caml_demo.png"
     write_overview_png(raw / "imagesTs", raw / "labelsTs", predictions, png, dice)
     training_folder = results / f"{DEMO_TRAINER}__nnUNetPlans__{DEMO_CONFIGURATION}" / f"fold_{fold}"
     print(f"[caml-demo] slices: {png}\n[caml-demo] training curves: {training_folder / 'progress.png'}\n"
           f"[caml-demo] log: {log_file}\n[caml-demo] total time {time.time() - start:.0f} s")
-    return {"dice": dice, "mean_dice": mean_dice, "png": str(png), "training_folder": str(training_folder)}
+    return {"dice": dice["CAML"], "mean_dice": mean_dice["CAML"], "baseline_dice": dice.get("labeled-only nnU-Net"),
+            "baseline_mean_dice": mean_dice.get("labeled-only nnU-Net"), "png": str(png),
+            "training_folder": str(training_folder)}
 
 
 def demo_entry():
@@ -156,8 +181,10 @@ def demo_entry():
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: cuda when available, else cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --workdir")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip training stock nnU-Net on the labeled cases alone (saves about 2 minutes)")
     args = parser.parse_args()
-    run_demo(args.workdir, args.task, args.device, args.overwrite)
+    run_demo(args.workdir, args.task, args.device, args.overwrite, baseline=not args.no_baseline)
 
 
 if __name__ == "__main__":

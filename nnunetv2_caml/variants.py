@@ -3,6 +3,7 @@
 Ablations of the paper's components, and shorter schedules (``-tr nnUNetTrainerCAML_250epochs``).
 """
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
 
@@ -118,12 +119,26 @@ class nnUNetTrainerCAML_tiny(nnUNetTrainerCAML):
         self.num_val_iterations_per_epoch = 1
 
 
-class nnUNetTrainerCAML_demo(nnUNetTrainerCAML):
+def _demo_schedule(trainer: nnUNetTrainer) -> None:
     """The schedule of ``nnUNetv2_caml_demo``: a few minutes on 2 CPU cores with the demo's small configuration."""
+    trainer.num_epochs = 10
+    trainer.num_iterations_per_epoch = 20
+    trainer.num_val_iterations_per_epoch = 2
+
+
+class nnUNetTrainerCAML_demo(nnUNetTrainerCAML):
+    """CAML on the demo's schedule."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
-        self.num_iterations_per_epoch = 20
-        self.num_val_iterations_per_epoch = 2
+        _demo_schedule(self)
+
+
+class nnUNetTrainer_CAMLdemo(nnUNetTrainer):
+    """Stock nnU-Net (labeled cases only) on the schedule of ``nnUNetTrainerCAML_demo``: the demo's baseline."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _demo_schedule(self)
