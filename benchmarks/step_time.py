@@ -1,13 +1,17 @@
-"""Time per training step (and peak GPU memory) of CAML trainers against stock ``nnUNetTrainer`` on the same plans.
+"""Time per training step and peak GPU memory of CAML trainers against stock ``nnUNetTrainer`` on the same plans.
 
     python benchmarks/step_time.py -d 501 -c 3d_cpu [-f all] [-n 20] [--warmup 3] [-device cpu|cuda]
-        [-tr nnUNetTrainer nnUNetTrainerCAML nnUNetTrainerCAML_noOCC]
+        [-tr nnUNetTrainer nnUNetTrainerCAML nnUNetTrainerCAML_noCMA nnUNetTrainerCAML_noOCC]
 
 Needs a planned dataset with preprocessed unlabeled data (``nnUNetv2_caml_preprocess_unlabeled``) and
 ``nnUNet_extTrainer`` pointing at this repository's ``trainers/``. Each trainer is built the way ``nnUNetv2_train``
-builds it; a step is ``train_step(next(dataloader))`` (data loading included, as in training). The trainers write
-their logs into a temporary ``nnUNet_results``, never into yours. Prints one row per trainer and the ratio to the
-first one.
+builds it (same plans, same labeled batch). Data loading is excluded for every trainer alike: the labeled batches
+(and CAML's unlabeled ones) are loaded and augmented before the clock starts, then each timed step is
+``train_step(batch)`` followed by a device synchronisation. The trainers write their logs into a temporary
+``nnUNet_results``, never into yours.
+
+Prints, per trainer: median and mean s/step, the ratio to the first trainer (stock), the ratio to the two-network
+floor (4 x the first trainer's step: two networks on a doubled batch) and the peak GPU memory of a step.
 """
 import argparse
 import os
@@ -25,19 +29,25 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
     trainer = get_trainer_from_args(dataset, configuration, fold, trainer_name, device=device)
     trainer.on_train_start()
     trainer.on_train_epoch_start()
-    for _ in range(warmup):
-        trainer.train_step(next(trainer.dataloader_train))
+    batches = [next(trainer.dataloader_train) for _ in range(warmup + steps)]
+    unlabeled = getattr(trainer, "dataloader_unlabeled", None)
+    if unlabeled is not None:  # CAML draws its unlabeled batch inside train_step: load those beforehand as well
+        trainer.dataloader_unlabeled = iter([next(unlabeled) for _ in range(warmup + steps)])
+    for batch in batches[:warmup]:
+        trainer.train_step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(steps):
+    for batch in batches[warmup:]:
         start = time.perf_counter()
-        trainer.train_step(next(trainer.dataloader_train))
+        trainer.train_step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    if unlabeled is not None:
+        trainer.dataloader_unlabeled = unlabeled  # so that on_train_end shuts its workers down
     trainer.on_train_end()
     return {"trainer": trainer_name, "median_s": float(np.median(times)), "mean_s": float(np.mean(times)),
             "peak_gib": peak, "batch": trainer.configuration_manager.batch_size,
@@ -49,7 +59,9 @@ def main():
     parser.add_argument("-d", required=True, help="dataset name or id")
     parser.add_argument("-c", required=True, help="configuration")
     parser.add_argument("-f", default="all", help="fold (default: all)")
-    parser.add_argument("-tr", nargs="+", default=["nnUNetTrainer", "nnUNetTrainerCAML"])
+    parser.add_argument("-tr", nargs="+", default=["nnUNetTrainer", "nnUNetTrainerCAML", "nnUNetTrainerCAML_noCMA",
+                                                   "nnUNetTrainerCAML_noOCC"],
+                        help="trainers; the first is the reference (default: stock, CAML, noCMA, noOCC)")
     parser.add_argument("-n", type=int, default=20, help="timed steps per trainer")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,12 +72,16 @@ def main():
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     rows = [time_trainer(t, args.d, args.c, fold, device, args.n, args.warmup) for t in args.tr]
-    print(f"\ndevice {device}, batch {rows[0]['batch']} (+ as many unlabeled for CAML), patch {rows[0]['patch']}, "
-          f"{args.n} timed steps after {args.warmup} warm-up")
-    print(f"{'trainer':36s} {'median s/step':>14s} {'mean s/step':>12s} {'ratio':>7s} {'peak GiB':>9s}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"\ndevice {device} ({name}), torch {torch.__version__}, batch {rows[0]['batch']} (+ as many unlabeled "
+          f"for CAML), patch {rows[0]['patch']}, {args.n} timed steps after {args.warmup} warm-up, data loading "
+          f"excluded")
+    print(f"{'trainer':36s} {'median s/step':>14s} {'mean s/step':>12s} {'x first':>8s} {'x 4-floor':>10s} "
+          f"{'peak GiB':>9s}")
     for row in rows:
         print(f"{row['trainer']:36s} {row['median_s']:14.3f} {row['mean_s']:12.3f} "
-              f"{row['median_s'] / rows[0]['median_s']:7.2f} {row['peak_gib']:9.2f}")
+              f"{row['median_s'] / rows[0]['median_s']:8.2f} {row['median_s'] / (4 * rows[0]['median_s']):10.2f} "
+              f"{row['peak_gib']:9.2f}")
 
 
 if __name__ == "__main__":

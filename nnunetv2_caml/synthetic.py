@@ -231,17 +231,18 @@ def _atrium_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
 
     # --- ventricle-like distractor next to it, same brightness, textured, with a wall
     semi_v = semi_a * rng.uniform(0.85, 1.15, 3)
-    wall = s * rng.uniform(2.0, 3.5)
+    wall_mm = s * rng.uniform(2.0, 3.5)
     sdf_ventricle = _empty_sdf(grid)
     center_v = center_a - ext  # only steers the veins if no ventricle fits
     for attempt in range(30):
         if attempt >= 10:  # crowded: try a smaller ventricle
             semi_v = semi_v * 0.95
         direction = _unit(rng.standard_normal(3) * ext / ext.max())  # favour the long axes
-        cand_center = center_a + direction * (semi_a.mean() + semi_v.mean() + wall + s * rng.uniform(2.0, 8.0))
+        distance = semi_a.mean() + semi_v.mean() + wall_mm + s * rng.uniform(2.0, 8.0)
+        cand_center = center_a + direction * distance
         cand_center = np.clip(cand_center, 0.1 * ext, 0.9 * ext)
         cand = _blob_sdf(rng, grid, cand_center, semi_v, rng.uniform(0.1, 0.2))
-        if _apart(sdf_atrium, cand, wall + 1.5 * s):
+        if _apart(sdf_atrium, cand, wall_mm + 1.5 * s):
             sdf_ventricle, center_v = cand, cand_center
             break
     away = _unit(center_a - center_v)
@@ -259,7 +260,7 @@ def _atrium_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
         radii = np.linspace(r0, r0 * rng.uniform(0.55, 0.8), len(pts))
         sdf_vein = _empty_sdf(grid)
         _paint_polyline(sdf_vein, grid, pts, radii)
-        if _apart(sdf_vein, sdf_ventricle, wall + 1.0 * s):
+        if _apart(sdf_vein, sdf_ventricle, wall_mm + 1.0 * s):
             np.minimum(sdf_atrium, sdf_vein, out=sdf_atrium)
 
     # --- aorta-like distractor: thick, uniform tube crossing the volume, thin dark wall
@@ -267,37 +268,60 @@ def _atrium_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
     sdf_aorta = None
     for _ in range(30):
         cand = _crossing_tube_sdf(rng, grid, aorta_r, margin=aorta_r + 0.1 * ext.min())
-        if _apart(cand, sdf_atrium, 3.5 * s) and _apart(cand, sdf_ventricle, wall + 2.0 * s):
+        if _apart(cand, sdf_atrium, 3.5 * s) and _apart(cand, sdf_ventricle, wall_mm + 2.0 * s):
             sdf_aorta = cand
             break
 
-    # --- intensities
+    # --- intensities: one acquisition protocol per case
+    protocol = _ATRIUM_PROTOCOLS[int(rng.integers(len(_ATRIUM_PROTOCOLS)))]
     tissue = rng.uniform(120.0, 260.0)
-    blood = tissue * rng.uniform(1.8, 3.2)
+    blood = tissue * rng.uniform(*protocol["blood"])
+    wall = tissue * rng.uniform(*protocol["wall"])
     image = tissue * (1 + 0.12 * _smooth_noise(rng, shape, 6.0))
-    # dark lung-like regions and brighter fat-like patches
+    # dark lung-like regions and fat-like patches
     lungs = np.clip((_smooth_noise(rng, shape, 14.0) - rng.uniform(0.6, 1.2)) * 3, 0, 1)
     _compose(image, lungs, tissue * 0.25)
     fat = np.clip((_smooth_noise(rng, shape, 5.0) - rng.uniform(2.0, 2.6)) * 3, 0, 1)
-    _compose(image, fat, blood * rng.uniform(0.4, 0.65))
+    _compose(image, fat, tissue * rng.uniform(*protocol["fat"]))
 
-    if sdf_aorta is not None:  # thin dark vessel wall around a uniform lumen
-        _compose(image, _occupancy(sdf_aorta - s * rng.uniform(1.0, 1.8), grid), tissue * rng.uniform(0.35, 0.65))
-        _compose(image, _occupancy(sdf_aorta, grid), blood * rng.uniform(0.9, 1.2))
-    myocardium = tissue * rng.uniform(0.35, 0.65)
-    _compose(image, _occupancy(sdf_ventricle - wall, grid), myocardium)
+    def blood_pool() -> np.ndarray:  # flow-related inhomogeneity inside a blood pool
+        return blood * (1 + protocol["inhomogeneity"] * _smooth_noise(rng, shape, 4.0))
+
+    if sdf_aorta is not None:  # vessel wall around a uniform lumen
+        _compose(image, _occupancy(sdf_aorta - s * rng.uniform(1.5, 2.2), grid), wall)
+        _compose(image, _occupancy(sdf_aorta, grid), blood_pool() * rng.uniform(0.9, 1.2))
+    _compose(image, _occupancy(sdf_ventricle - wall_mm, grid), wall)
     trabeculae = np.clip((_smooth_noise(rng, shape, 2.5) - 0.2) * 1.5, 0, 1)
-    ventricle_blood = blood * rng.uniform(1.0, 1.3) * (1 - rng.uniform(0.45, 0.7) * trabeculae)
+    ventricle_blood = blood_pool() * rng.uniform(1.0, 1.3) * (1 - rng.uniform(0.5, 0.75) * trabeculae)
     _compose(image, _occupancy(sdf_ventricle, grid), ventricle_blood)
-    _compose(image, _occupancy(sdf_atrium, grid), blood * (1 + 0.04 * _smooth_noise(rng, shape, 3.0)))
+    _compose(image, _occupancy(sdf_atrium, grid), blood_pool())
 
     # acquisition: bias field, blur, Rician noise
-    image *= np.exp(rng.uniform(0.1, 0.3) * _smooth_noise(rng, shape, 24.0))
-    image = _blur(image, grid, rng.uniform(0.4, 0.9))
-    sigma = blood * rng.uniform(0.03, 0.1)
+    image *= np.exp(rng.uniform(*protocol["bias"]) * _smooth_noise(rng, shape, 24.0))
+    image = _blur(image, grid, rng.uniform(*protocol["blur_mm"]))
+    sigma = blood * rng.uniform(*protocol["noise"])
     image = np.sqrt((image + sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
                     + (sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2)
     return image.astype(np.float32), (sdf_atrium <= 0).astype(np.uint8)
+
+
+#: The atrium task's acquisition protocols; each case draws one. They differ in what nnU-Net's intensity
+#: augmentation does not undo: which tissues are bright (walls dark or enhanced above the blood, fat bright or
+#: suppressed), blood-to-tissue contrast, flow inhomogeneity, bias field, blur and noise. Ranges are multiples of the
+#: case's tissue intensity (``blood``, ``wall``, ``fat``), of its blood intensity (``noise``), in mm (``blur_mm``).
+#: A handful of labeled cases covers only some protocols: this is what makes the task label-bound.
+_ATRIUM_PROTOCOLS = (
+    dict(name="bright-blood", blood=(2.2, 3.2), wall=(0.35, 0.6), fat=(1.5, 2.2), noise=(0.03, 0.06),
+         blur_mm=(0.4, 0.7), bias=(0.1, 0.25), inhomogeneity=0.04),
+    dict(name="low-contrast", blood=(1.3, 1.6), wall=(0.6, 0.8), fat=(1.2, 1.5), noise=(0.08, 0.14),
+         blur_mm=(0.8, 1.2), bias=(0.1, 0.25), inhomogeneity=0.04),
+    dict(name="enhanced-wall", blood=(1.6, 2.0), wall=(2.3, 2.9), fat=(2.0, 2.6), noise=(0.04, 0.08),
+         blur_mm=(0.5, 0.8), bias=(0.1, 0.25), inhomogeneity=0.04),
+    dict(name="fat-suppressed", blood=(1.8, 2.6), wall=(0.35, 0.6), fat=(0.3, 0.5), noise=(0.04, 0.08),
+         blur_mm=(0.5, 0.8), bias=(0.4, 0.6), inhomogeneity=0.2),
+    dict(name="blurred", blood=(2.5, 4.0), wall=(0.3, 0.5), fat=(1.5, 2.5), noise=(0.03, 0.06),
+         blur_mm=(1.2, 1.6), bias=(0.1, 0.25), inhomogeneity=0.04),
+)
 
 
 def _grow_tree(rng: np.random.Generator, grid: _Grid, sdf: np.ndarray, avoid: np.ndarray, gap: float) -> None:
@@ -388,32 +412,29 @@ def _vessel_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
     gap = 2.0 * s
 
     # distractors first (so they are always there), then the trees grow around them
-    distractors = []  # (sdf, relative density)
+    distractors = []  # (sdf, kind)
     avoid = _empty_sdf(grid)
 
-    def place(make, density, tries=20):
+    def place(make, kind, tries=20):
         for _ in range(tries):
             cand = make()
             if _apart(cand, avoid, gap):
-                distractors.append((cand, density))
+                distractors.append((cand, kind))
                 np.minimum(avoid, cand, out=avoid)
                 return
 
     n_thick = 1 + int(rng.random() < 0.4)
     for _ in range(n_thick):  # thick constant-calibre tube crossing the volume
         radius = s * rng.uniform(4.0, 5.5)
-        place(lambda: _crossing_tube_sdf(rng, grid, radius, margin=radius + 0.1 * grid.extent.min()),
-              rng.uniform(0.85, 1.1))
+        place(lambda: _crossing_tube_sdf(rng, grid, radius, margin=radius + 0.1 * grid.extent.min()), "thick")
     # bone-like curved plate
-    place(lambda: _sheet_sdf(rng, grid, s * rng.uniform(1.8, 3.0), s * rng.uniform(14.0, 24.0)),
-          rng.uniform(0.9, 1.4))
+    place(lambda: _sheet_sdf(rng, grid, s * rng.uniform(1.8, 3.0), s * rng.uniform(14.0, 24.0)), "plate")
     for _ in range(int(rng.integers(1, 3))):  # straight, unbranched, constant thin tubes (nerve/duct-like)
         radius = s * rng.uniform(1.2, 2.0)
-        place(lambda: _crossing_tube_sdf(rng, grid, radius, margin=radius + 0.1 * grid.extent.min()),
-              rng.uniform(0.8, 1.1))
+        place(lambda: _crossing_tube_sdf(rng, grid, radius, margin=radius + 0.1 * grid.extent.min()), "thin")
     if rng.random() < 0.6:  # closed ring of vessel-like calibre
         place(lambda: _torus_sdf(rng, grid, rng.uniform(0.2, 0.8, 3) * grid.extent, s * rng.uniform(5.0, 9.0),
-                                 s * rng.uniform(1.5, 2.5)), rng.uniform(0.85, 1.15))
+                                 s * rng.uniform(1.5, 2.5)), "ring")
 
     sdf_tree = _empty_sdf(grid)
     target = rng.uniform(0.02, 0.04)
@@ -422,22 +443,48 @@ def _vessel_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
         if np.count_nonzero(sdf_tree <= 0) / n_vox >= target:
             break
 
-    # intensities (Hounsfield-like)
-    tissue = rng.uniform(30.0, 70.0)
-    contrast = rng.uniform(180.0, 480.0)
-    image = tissue + 12.0 * _smooth_noise(rng, shape, 5.0)
+    # intensities: one acquisition protocol per case
+    protocol = _VESSEL_PROTOCOLS[int(rng.integers(len(_VESSEL_PROTOCOLS)))]
+    tissue = rng.uniform(*protocol["tissue"])
+    vessel = rng.uniform(*protocol["vessel"])
+    image = tissue + protocol["texture"] * _smooth_noise(rng, shape, 5.0)
     fat = np.clip((_smooth_noise(rng, shape, 10.0) - rng.uniform(0.5, 1.2)) * 2, 0, 1)
-    _compose(image, fat, rng.uniform(-120.0, -70.0))
-    for sdf, rel in distractors:
-        _compose(image, _occupancy(sdf, grid), contrast * rel)
-    _compose(image, _occupancy(sdf_tree, grid), contrast * (1 + 0.05 * _smooth_noise(rng, shape, 4.0)))
+    _compose(image, fat, rng.uniform(*protocol["fat"]))
+    for sdf, kind in distractors:
+        _compose(image, _occupancy(sdf, grid), vessel * rng.uniform(*protocol[kind]))
+    _compose(image, _occupancy(sdf_tree, grid), vessel * (1 + 0.05 * _smooth_noise(rng, shape, 4.0)))
 
-    # acquisition: smooth shading and contrast-phase drift, blur, noise
-    image *= 1 + rng.uniform(0.05, 0.2) * _smooth_noise(rng, shape, 24.0)
-    image += rng.uniform(5.0, 30.0) * _smooth_noise(rng, shape, 24.0)
-    image = _blur(image, grid, rng.uniform(0.4, 0.8))
-    image += rng.uniform(10.0, 45.0) * rng.standard_normal(shape, dtype=np.float32)
+    # acquisition: smooth shading and drift, blur, noise
+    image *= 1 + rng.uniform(*protocol["shading"]) * _smooth_noise(rng, shape, 24.0)
+    image += rng.uniform(*protocol["drift"]) * _smooth_noise(rng, shape, 24.0)
+    image = _blur(image, grid, rng.uniform(*protocol["blur_mm"]))
+    image += rng.uniform(*protocol["noise"]) * rng.standard_normal(shape, dtype=np.float32)
     return image.astype(np.float32), (sdf_tree <= 0).astype(np.uint8)
+
+
+#: The vessel task's acquisition protocols; each case draws one. ``tissue``, ``vessel`` (the vessels' intensity),
+#: ``fat``, ``texture``, ``drift`` and ``noise`` (standard deviation) are absolute values, Hounsfield-like for the CT
+#: protocols; the look-alikes (``thick`` tube, bone-like ``plate``, ``thin`` straight tubes, ``ring``) are multiples
+#: of the vessel intensity, so they are as bright as the vessels in one protocol and far brighter or darker in another
+#: (enhanced veins in the venous phase, dark bone and dimmer veins in MR angiography). Like the atrium task's
+#: protocols, these differ in what nnU-Net's intensity augmentation does not undo, which makes the task label-bound.
+_VESSEL_PROTOCOLS = (
+    dict(name="arterial-CT", tissue=(30, 70), vessel=(300, 480), fat=(-120, -70), texture=12, thick=(0.85, 1.1),
+         plate=(1.3, 1.8), thin=(0.8, 1.1), ring=(0.85, 1.15), shading=(0.05, 0.2), drift=(5, 30),
+         blur_mm=(0.4, 0.6), noise=(10, 25)),
+    dict(name="venous-CT", tissue=(40, 80), vessel=(130, 200), fat=(-120, -70), texture=12, thick=(1.3, 1.7),
+         plate=(2.5, 3.5), thin=(0.9, 1.2), ring=(0.9, 1.2), shading=(0.05, 0.2), drift=(5, 30),
+         blur_mm=(0.5, 0.8), noise=(15, 30)),
+    dict(name="low-dose-CT", tissue=(30, 70), vessel=(250, 400), fat=(-120, -70), texture=12, thick=(0.85, 1.1),
+         plate=(1.2, 1.6), thin=(0.8, 1.1), ring=(0.85, 1.15), shading=(0.05, 0.2), drift=(5, 30),
+         blur_mm=(0.6, 0.9), noise=(50, 80)),
+    dict(name="beam-hardening-CT", tissue=(30, 70), vessel=(250, 420), fat=(-120, -70), texture=12,
+         thick=(0.85, 1.1), plate=(1.6, 2.4), thin=(0.8, 1.1), ring=(0.85, 1.15), shading=(0.3, 0.45),
+         drift=(30, 60), blur_mm=(0.4, 0.7), noise=(15, 30)),
+    dict(name="MR-angiography", tissue=(150, 250), vessel=(650, 950), fat=(300, 420), texture=25, thick=(0.7, 0.9),
+         plate=(0.05, 0.15), thin=(0.8, 1.0), ring=(0.85, 1.1), shading=(0.1, 0.3), drift=(5, 20),
+         blur_mm=(0.4, 0.7), noise=(15, 35)),
+)
 
 
 class _Task:
