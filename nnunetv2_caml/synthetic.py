@@ -5,22 +5,28 @@
 labeled test cases (``imagesTs`` + ``labelsTs``). The tasks are toys that fit a CPU demo, built so
 that a handful of labeled scans do not solve them alone:
 
-``atrium`` (MRI-like, bright blood pool)
+``atrium`` (MRI-like blood pools)
     Label: one smooth, irregular blob (an ellipsoid deformed by low-frequency noise) with two to four
-    tapering pulmonary-vein stubs attached. Unlabeled look-alikes of the same brightness: a
-    ventricle-like blob with a trabeculated (speckled) interior inside a dark muscular wall, and an
-    aorta-like thick tube with a thin dark wall that crosses the whole volume; small fat-like
-    patches and dark lung-like regions clutter the background.
-``vessel`` (CT-like, Hounsfield-like values)
+    tapering pulmonary-vein stubs attached. Unlabeled look-alikes, blood pools like the label: a
+    ventricle-like blob with a trabeculated (speckled) interior inside a muscular wall, and an
+    aorta-like thick tube with a wall that crosses the whole volume; fat-like patches and dark
+    lung-like regions clutter the background.
+``vessel`` (CT- or MR-angiography-like)
     Label: a branching tree of curved tubes whose radius tapers from root to tips. Unlabeled
-    look-alikes of similar density: a thick tube of constant calibre crossing the volume, one or two
-    thin straight unbranched tubes of constant calibre, a curved bone-like sheet, and sometimes a
-    closed ring.
+    look-alikes: a thick tube of constant calibre crossing the volume, one or two thin straight
+    unbranched tubes of constant calibre, a curved bone-like sheet, and sometimes a closed ring.
 
-Every case varies in shape, position, contrast, noise level and a smooth bias field, so no global
-intensity threshold separates the label (the tests check that the best threshold's Dice is low).
-Geometry is drawn in millimetres on the voxel grid given by ``shape`` and ``spacing`` (both in numpy
-z, y, x order) and sized relative to the default 48 x 64 x 64 mm field of view.
+Every case draws one of five **acquisition protocols** (``_ATRIUM_PROTOCOLS``, ``_VESSEL_PROTOCOLS``)
+that change what nnU-Net's intensity augmentation cannot undo: which structures are bright (walls dark
+or enhanced above the blood, fat bright or suppressed, bone brighter or darker than the vessels, veins
+dimmer or brighter than arteries), contrast, inhomogeneity, blur and noise. A handful of labeled cases
+sees only some protocols, the unlabeled and test cases see all of them: this is what makes the tasks
+label-bound (stock nnU-Net with 4 labeled cases stays well below the same run with every case labeled;
+``benchmarks/ssl_gain.py --calibrate`` measures it). Within a protocol, every case still varies in
+shape, position, contrast, noise and bias field, and no global intensity threshold separates the label
+(the tests check that the best threshold's Dice is low). Geometry is drawn in millimetres on the voxel
+grid given by ``shape`` and ``spacing`` (both in numpy z, y, x order) and sized relative to the default
+48 x 64 x 64 mm field of view.
 
 Case ``i`` of a group (labeled, unlabeled, test) depends only on ``seed``, the task, the group and
 ``i``, so changing one group's size leaves the cases of the other groups unchanged.
