@@ -317,16 +317,16 @@ def _atrium_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
 #: case's tissue intensity (``blood``, ``wall``, ``fat``), of its blood intensity (``noise``), in mm (``blur_mm``).
 #: A handful of labeled cases covers only some protocols: this is what makes the task label-bound.
 _ATRIUM_PROTOCOLS = (
-    dict(name="bright-blood", blood=(2.2, 3.2), wall=(0.35, 0.6), fat=(1.5, 2.2), noise=(0.03, 0.06),
+    dict(name="bright-blood", blood=(2.2, 3.0), wall=(0.35, 0.55), fat=(1.4, 1.8), noise=(0.03, 0.05),
          blur_mm=(0.4, 0.7), bias=(0.1, 0.25), inhomogeneity=0.04),
-    dict(name="low-contrast", blood=(1.3, 1.6), wall=(0.6, 0.8), fat=(1.2, 1.5), noise=(0.08, 0.14),
-         blur_mm=(0.8, 1.2), bias=(0.1, 0.25), inhomogeneity=0.04),
-    dict(name="enhanced-wall", blood=(1.6, 2.0), wall=(2.3, 2.9), fat=(2.0, 2.6), noise=(0.04, 0.08),
-         blur_mm=(0.5, 0.8), bias=(0.1, 0.25), inhomogeneity=0.04),
-    dict(name="fat-suppressed", blood=(1.8, 2.6), wall=(0.35, 0.6), fat=(0.3, 0.5), noise=(0.04, 0.08),
-         blur_mm=(0.5, 0.8), bias=(0.4, 0.6), inhomogeneity=0.2),
-    dict(name="blurred", blood=(2.5, 4.0), wall=(0.3, 0.5), fat=(1.5, 2.5), noise=(0.03, 0.06),
-         blur_mm=(1.2, 1.6), bias=(0.1, 0.25), inhomogeneity=0.04),
+    dict(name="grey-blood", blood=(1.6, 1.9), wall=(0.25, 0.4), fat=(2.3, 2.8), noise=(0.03, 0.05),
+         blur_mm=(0.4, 0.6), bias=(0.1, 0.25), inhomogeneity=0.04),
+    dict(name="enhanced-wall", blood=(1.8, 2.2), wall=(2.8, 3.4), fat=(1.0, 1.2), noise=(0.03, 0.05),
+         blur_mm=(0.4, 0.7), bias=(0.1, 0.25), inhomogeneity=0.04),
+    dict(name="fat-suppressed", blood=(2.0, 2.6), wall=(0.35, 0.55), fat=(0.3, 0.5), noise=(0.03, 0.06),
+         blur_mm=(0.4, 0.7), bias=(0.4, 0.6), inhomogeneity=0.1),
+    dict(name="dark-tissue", blood=(3.5, 4.5), wall=(0.3, 0.5), fat=(2.0, 3.0), noise=(0.02, 0.04),
+         blur_mm=(0.8, 1.1), bias=(0.1, 0.25), inhomogeneity=0.04),
 )
 
 
