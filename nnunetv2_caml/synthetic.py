@@ -16,7 +16,7 @@ that a handful of labeled scans do not solve them alone:
     look-alikes: a thick tube of constant calibre crossing the volume, one or two thin straight
     unbranched tubes of constant calibre, a curved bone-like sheet, and sometimes a closed ring.
 
-Every case draws one of five **acquisition protocols** (``_ATRIUM_PROTOCOLS``, ``_VESSEL_PROTOCOLS``)
+Every case draws one of eight (atrium) or five (vessel) **acquisition protocols** (``_ATRIUM_PROTOCOLS``, ``_VESSEL_PROTOCOLS``)
 that change what nnU-Net's intensity augmentation cannot undo: which structures are bright (walls dark
 or enhanced above the blood, fat bright or suppressed, bone brighter or darker than the vessels, veins
 dimmer or brighter than arteries), contrast, inhomogeneity, blur and noise. A handful of labeled cases
@@ -294,7 +294,7 @@ def _atrium_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
         return blood * (1 + protocol["inhomogeneity"] * _smooth_noise(rng, shape, 4.0))
 
     if sdf_aorta is not None:  # vessel wall around a uniform lumen
-        _compose(image, _occupancy(sdf_aorta - s * rng.uniform(1.5, 2.2), grid), wall)
+        _compose(image, _occupancy(sdf_aorta - s * rng.uniform(2.5, 3.5), grid), wall)
         _compose(image, _occupancy(sdf_aorta, grid), blood_pool() * rng.uniform(0.9, 1.2))
     _compose(image, _occupancy(sdf_ventricle - wall_mm, grid), wall)
     trabeculae = np.clip((_smooth_noise(rng, shape, 2.5) - 0.2) * 1.5, 0, 1)
@@ -308,7 +308,7 @@ def _atrium_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
     sigma = blood * rng.uniform(*protocol["noise"])
     image = np.sqrt((image + sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2
                     + (sigma * rng.standard_normal(shape, dtype=np.float32)) ** 2)
-    return image.astype(np.float32), (sdf_atrium <= 0).astype(np.uint8)
+    return image.astype(np.float32), (sdf_atrium <= 0).astype(np.uint8), protocol["name"]
 
 
 #: The atrium task's acquisition protocols; each case draws one. They differ in what nnU-Net's intensity
@@ -327,6 +327,12 @@ _ATRIUM_PROTOCOLS = (
          blur_mm=(0.4, 0.7), bias=(0.4, 0.6), inhomogeneity=0.1),
     dict(name="dark-tissue", blood=(3.5, 4.5), wall=(0.3, 0.5), fat=(2.0, 3.0), noise=(0.02, 0.04),
          blur_mm=(0.8, 1.1), bias=(0.1, 0.25), inhomogeneity=0.04),
+    dict(name="enhanced-fat-and-wall", blood=(1.7, 2.0), wall=(2.4, 2.8), fat=(2.6, 3.2), noise=(0.03, 0.05),
+         blur_mm=(0.4, 0.7), bias=(0.1, 0.25), inhomogeneity=0.04),
+    dict(name="flow-artefacts", blood=(2.2, 2.8), wall=(0.4, 0.6), fat=(1.3, 1.6), noise=(0.03, 0.05),
+         blur_mm=(0.4, 0.7), bias=(0.2, 0.35), inhomogeneity=0.15),
+    dict(name="noisy-blurred", blood=(2.4, 3.0), wall=(0.3, 0.5), fat=(1.5, 2.0), noise=(0.08, 0.11),
+         blur_mm=(0.9, 1.2), bias=(0.1, 0.25), inhomogeneity=0.04),
 )
 
 
@@ -465,7 +471,7 @@ def _vessel_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
     image += rng.uniform(*protocol["drift"]) * _smooth_noise(rng, shape, 24.0)
     image = _blur(image, grid, rng.uniform(*protocol["blur_mm"]))
     image += rng.uniform(*protocol["noise"]) * rng.standard_normal(shape, dtype=np.float32)
-    return image.astype(np.float32), (sdf_tree <= 0).astype(np.uint8)
+    return image.astype(np.float32), (sdf_tree <= 0).astype(np.uint8), protocol["name"]
 
 
 #: The vessel task's acquisition protocols; each case draws one. ``tissue``, ``vessel`` (the vessels' intensity),
@@ -495,7 +501,7 @@ _VESSEL_PROTOCOLS = (
 
 class _Task:
     def __init__(self, name: str, modality: str, structure: str, code: int,
-                 make: Callable[[np.random.Generator, _Grid], Tuple[np.ndarray, np.ndarray]], description: str):
+                 make: Callable[[np.random.Generator, _Grid], Tuple[np.ndarray, np.ndarray, str]], description: str):
         self.name, self.modality, self.structure, self.code = name, modality, structure, code
         self.make, self.description = make, description
 
@@ -526,6 +532,12 @@ def make_case(task: str, group: str, index: int, seed: int = 0, shape=(48, 64, 6
               spacing=(1.0, 1.0, 1.0)) -> Tuple[np.ndarray, np.ndarray]:
     """Image (float32) and label (uint8 0/1) of case ``index`` of ``group`` ("labeled", "unlabeled",
     "test"). Deterministic in (task, group, index, seed, shape, spacing)."""
+    image, label, _ = _make_case(task, group, index, seed, shape, spacing)
+    return image, label
+
+
+def _make_case(task: str, group: str, index: int, seed: int, shape, spacing) -> Tuple[np.ndarray, np.ndarray, str]:
+    """:func:`make_case` plus the name of the case's acquisition protocol."""
     spec = _task(task)
     if group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; choose one of {sorted(GROUPS)}")
@@ -584,6 +596,7 @@ def generate_dataset(raw_root: str, dataset_id: int, task: str = "atrium", num_l
 
     os.makedirs(raw_root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=raw_root)
+    protocols = {}
     try:
         for group, count in (("labeled", num_labeled), ("unlabeled", num_unlabeled), ("test", num_test)):
             images_dir = os.path.join(tmp, GROUPS[group][0])
@@ -593,7 +606,7 @@ def generate_dataset(raw_root: str, dataset_id: int, task: str = "atrium", num_l
                 os.makedirs(os.path.join(tmp, labels_dir))
             for i in range(count):
                 case = f"{_CASE_PREFIX[group]}_{i:03d}"
-                image, label = make_case(task, group, i, seed, shape, spacing)
+                image, label, protocols[case] = _make_case(task, group, i, seed, shape, spacing)
                 _write(image, os.path.join(images_dir, f"{case}_0000.nii.gz"), spacing)
                 if labels_dir:
                     _write(label, os.path.join(tmp, labels_dir, f"{case}.nii.gz"), spacing)
@@ -605,7 +618,7 @@ def generate_dataset(raw_root: str, dataset_id: int, task: str = "atrium", num_l
             description=spec.description, license="CC0 (synthetic)", converted_by="nnunetv2_caml.synthetic",
             numUnlabeled=num_unlabeled, numTest=num_test, unlabeled_images_folder="imagesTrUnlabeled",
             synthetic={"task": task, "seed": int(seed), "shape": [int(v) for v in shape],
-                       "spacing": [float(v) for v in spacing]},
+                       "spacing": [float(v) for v in spacing], "protocols": protocols},
         )
         for d in existing:
             shutil.rmtree(os.path.join(raw_root, d))
