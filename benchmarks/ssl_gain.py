@@ -210,9 +210,22 @@ def run_all(runs: List[dict], workdir: Path, parallel: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the table
-def summarise(results: List[dict], arms: List[str]) -> Dict[str, Dict[str, dict]]:
+def unseen_protocol_cases(workdir: Path, task: str, labeled: int) -> set:
+    """Test cases whose acquisition protocol (recorded by the generator in dataset.json) none of the first
+    ``labeled`` training cases has."""
+    from nnunetv2_caml.synthetic import dataset_name
+
+    dataset_json = json.loads((workdir / "nnUNet_raw" / dataset_name(DATASET_IDS[task], task) / "dataset.json")
+                              .read_text())
+    protocols = dataset_json["synthetic"].get("protocols", {})
+    seen = {protocols.get(f"lab_{i:03d}") for i in range(labeled)}
+    return {case for case, protocol in protocols.items() if case.startswith("ts_") and protocol not in seen}
+
+
+def summarise(results: List[dict], arms: List[str], unseen: Dict[str, set] = None) -> Dict[str, Dict[str, dict]]:
     """Per task and arm: mean over seeds of the mean test Dice, its spread, the worst seed and the worst case, and
-    the fraction of the labeled-only to all-labeled gap the arm closes (also per seed)."""
+    the fraction of the labeled-only to all-labeled gap the arm closes (also per seed). ``unseen`` (task -> test case
+    ids whose acquisition protocol no labeled case has) adds the mean Dice on those cases and on the others."""
     table: Dict[str, Dict[str, dict]] = {}
     for task in sorted({r["task"] for r in results}):
         by_arm = {a: {r["seed"]: r for r in results if r["task"] == task and r["arm"] == a} for a in arms}
@@ -226,6 +239,10 @@ def summarise(results: List[dict], arms: List[str]) -> Dict[str, Dict[str, dict]
             row = {"seeds": sorted(runs), "per_seed": [float(m) for m in means], "mean": float(means.mean()),
                    "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0, "worst_seed": float(means.min()),
                    "worst_case": float(min(min(r["dice"].values()) for r in runs.values()))}
+            cases = set(next(iter(runs.values()))["dice"])
+            if unseen and cases & unseen.get(task, set()) and cases - unseen[task]:
+                for key, subset in (("seen_protocols", cases - unseen[task]), ("unseen_protocols", cases & unseen[task])):
+                    row[key] = float(np.mean([np.mean([r["dice"][c] for c in subset]) for r in runs.values()]))
             common = sorted(set(runs) & set(low) & set(high))
             if common:
                 gap = np.mean([high[s]["mean_dice"] - low[s]["mean_dice"] for s in common])
@@ -240,14 +257,17 @@ def format_table(table: Dict[str, Dict[str, dict]], header: str) -> str:
     lines = [header, ""]
     for task, rows in table.items():
         lines += [f"**{task}** (mean test Dice over seeds)", "",
-                  "| arm | mean ± std | per seed | worst seed | worst case | gap closed | gain per seed |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| arm | mean ± std | per seed | worst seed | worst case | gap closed | gain per seed "
+                  "| seen / unseen protocols |",
+                  "|---|---|---|---|---|---|---|---|"]
         for arm, row in rows.items():
             gap = f"{100 * row['gap_closed']:.0f} %" if "gap_closed" in row else "—"
             gains = " ".join(f"{g:+.3f}" for g in row["gain_per_seed"]) if "gain_per_seed" in row else "—"
+            protocols = (f"{row['seen_protocols']:.3f} / {row['unseen_protocols']:.3f}" if "unseen_protocols" in row
+                         else "—")
             lines.append(f"| {arm} | {row['mean']:.3f} ± {row['std']:.3f} | "
                          f"{' '.join(f'{v:.3f}' for v in row['per_seed'])} | {row['worst_seed']:.3f} | "
-                         f"{row['worst_case']:.3f} | {gap} | {gains} |")
+                         f"{row['worst_case']:.3f} | {gap} | {gains} | {protocols} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -386,7 +406,8 @@ def main(argv=None) -> None:
 
     results = [json.loads((workdir / "runs" / task / arm / f"seed_{seed}" / "result.json").read_text())
                for task in args.tasks for arm in arms for seed in args.seeds]
-    table = summarise(results, list(arms))
+    table = summarise(results, list(arms), {task: unseen_protocol_cases(workdir, task, settings["labeled"])
+                                            for task in args.tasks})
     header = (f"Device: {device_description(device)}. Command: `python benchmarks/ssl_gain.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`. {args.labeled} labeled + {args.unlabeled} "
               f"unlabeled training cases, {args.test} test cases of {'x'.join(map(str, args.shape))} voxels, "

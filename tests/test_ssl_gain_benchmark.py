@@ -29,7 +29,8 @@ def test_summary_gap_closed_spread_and_worst_case():
     results = [_result("labeled_only", 0, [0.6, 0.8]), _result("labeled_only", 1, [0.5, 0.7]),
                _result("caml", 0, [0.8, 0.8]), _result("caml", 1, [0.6, 0.72]),
                _result("all_labeled", 0, [0.9, 0.9]), _result("all_labeled", 1, [0.8, 0.8])]
-    table = ssl_gain.summarise(results, ["labeled_only", "caml", "all_labeled"])["atrium"]
+    # test case ts_1's acquisition protocol is not among the labeled cases'
+    table = ssl_gain.summarise(results, ["labeled_only", "caml", "all_labeled"], {"atrium": {"ts_1"}})["atrium"]
     assert table["labeled_only"]["mean"] == pytest.approx(0.65)
     assert table["caml"]["per_seed"] == pytest.approx([0.8, 0.66])
     assert table["caml"]["std"] == pytest.approx(0.09899, abs=1e-4)
@@ -40,8 +41,11 @@ def test_summary_gap_closed_spread_and_worst_case():
     assert table["caml"]["gain_per_seed"] == pytest.approx([0.1, 0.06])
     assert table["labeled_only"]["gap_closed"] == pytest.approx(0.0)
     assert table["all_labeled"]["gap_closed"] == pytest.approx(1.0)
+    assert table["caml"]["seen_protocols"] == pytest.approx((0.8 + 0.6) / 2)
+    assert table["caml"]["unseen_protocols"] == pytest.approx((0.8 + 0.72) / 2)
     text = ssl_gain.format_table({"atrium": table}, "header")
-    assert "| caml | 0.730 ± 0.099 | 0.800 0.660 | 0.660 | 0.600 | 40 % | +0.100 +0.060 |" in text.splitlines()
+    assert ("| caml | 0.730 ± 0.099 | 0.800 0.660 | 0.660 | 0.600 | 40 % | +0.100 +0.060 | 0.700 / 0.760 |"
+            in text.splitlines())
 
 
 def _benchmark(workdir, *extra):
