@@ -54,7 +54,6 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.rampup_fraction = 0.2              # ramp-up length as a fraction of all training iterations (nnU-Net)
         self.sharpen_temperature = 0.1          # T of the sharpening
         self.detach_sharpened_targets = False   # the paper's code lets gradients flow through sharpened targets
-        self.consistency_on_deep_supervision = False  # L_c on the full-resolution output only (paper)
         self.use_cma = True                     # Cross-sample Mutual Attention in the auxiliary encoder
         self.cma_stage = -2                     # encoder stage whose output CMA attends (-2: above the bottleneck)
         self.cma_num_heads = 4
@@ -102,9 +101,8 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.print_to_log_file(
             "CAML: " + ", ".join(f"{k}={getattr(self, k)}" for k in (
                 "lambda_s", "lambda_c", "lambda_o", "rampup_fraction", "sharpen_temperature",
-                "detach_sharpened_targets", "consistency_on_deep_supervision", "use_cma", "cma_stage",
-                "cma_num_heads", "use_occ", "occ_embedding_dim", "occ_temperature", "occ_top_k", "memory_per_class",
-                "memory_entries_per_case")) +
+                "detach_sharpened_targets", "use_cma", "cma_stage", "cma_num_heads", "use_occ", "occ_embedding_dim",
+                "occ_temperature", "occ_top_k", "memory_per_class", "memory_entries_per_case")) +
             f", unlabeled_batch_size={self._unlabeled_batch_size()}")
 
     def _do_i_compile(self):
@@ -188,7 +186,8 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         # the semi-supervised terms are computed in float32 (sharpening with T=0.1 and tau=0.1 overflow fp16)
         probs_main = torch.softmax(_full_resolution(output_main).float(), 1)
         probs_aux = torch.softmax(_full_resolution(output_aux).float(), 1)
-        loss_consistency = self.mutual_consistency(output_main, output_aux, probs_main, probs_aux)
+        loss_consistency = mutual_consistency_loss(probs_main, probs_aux, self.sharpen_temperature,
+                                                   self.detach_sharpened_targets)
         loss_occ = self.omni_correlation_consistency(features_main, features_aux, probs_main, probs_aux,
                                                      _full_resolution(target)[:, 0], num_labeled, batch["keys"])
         loss = self.lambda_s * (loss_sup_main + loss_sup_aux) + lambda_c * loss_consistency + lambda_o * loss_occ
@@ -209,23 +208,6 @@ class nnUNetTrainerCAML(nnUNetTrainer):
                  "caml_loss_consistency": loss_consistency, "caml_loss_occ": loss_occ}
         values = torch.stack([t.detach().float() for t in terms.values()]).cpu().numpy()  # one copy to the host
         return {**dict(zip(terms, values)), "caml_lambda_c": np.float64(lambda_c), "caml_lambda_o": np.float64(lambda_o)}
-
-    def mutual_consistency(self, output_main, output_aux, probs_main, probs_aux) -> torch.Tensor:
-        """``L_c`` on the full-resolution softmax outputs; with ``consistency_on_deep_supervision`` the weighted mean
-        of ``L_c`` over every deep supervision output, with nnU-Net's deep supervision weights."""
-        if not (self.consistency_on_deep_supervision and isinstance(output_main, (list, tuple))):
-            return mutual_consistency_loss(probs_main, probs_aux, self.sharpen_temperature,
-                                           self.detach_sharpened_targets)
-        weights = np.array([1 / 2 ** i for i in range(len(output_main))])
-        weights[-1] = 0
-        weights /= weights.sum()
-        loss = weights[0] * mutual_consistency_loss(probs_main, probs_aux, self.sharpen_temperature,
-                                                    self.detach_sharpened_targets)
-        for w, main, aux in zip(weights[1:], output_main[1:], output_aux[1:]):
-            if w > 0:
-                loss = loss + w * mutual_consistency_loss(torch.softmax(main.float(), 1), torch.softmax(aux.float(), 1),
-                                                          self.sharpen_temperature, self.detach_sharpened_targets)
-        return loss
 
     def omni_correlation_consistency(self, features_main, features_aux, probs_main, probs_aux, target,
                                      num_labeled: int, labeled_case_ids: List[str]) -> torch.Tensor:
