@@ -222,6 +222,17 @@ def unseen_protocol_cases(workdir: Path, task: str, labeled: int) -> set:
     return {case for case, protocol in protocols.items() if case.startswith("ts_") and protocol not in seen}
 
 
+def finished_results(workdir: Path, tasks: List[str], arms: List[str]) -> tuple:
+    """Every finished run of ``tasks`` in the work folder (also arms and seeds of earlier invocations, so a rerun
+    with a few arms still tabulates them against the rest), and the arms in table order: the default arms, the
+    requested ones, then any others by name."""
+    results = [json.loads(f.read_text()) for task in tasks
+               for f in sorted((workdir / "runs" / task).glob("*/seed_*/result.json"))]
+    found = {r["arm"] for r in results}
+    order = [*DEFAULT_ARMS, *arms, *sorted(found)]
+    return results, [a for i, a in enumerate(order) if a in found and a not in order[:i]]
+
+
 def summarise(results: List[dict], arms: List[str], unseen: Dict[str, set] = None) -> Dict[str, Dict[str, dict]]:
     """Per task and arm: mean over seeds of the mean test Dice, its spread, the worst seed and the worst case, and
     the fraction of the labeled-only to all-labeled gap the arm closes (also per seed). ``unseen`` (task -> test case
@@ -404,16 +415,15 @@ def main(argv=None) -> None:
                              "test_images": str(raw / "imagesTs"), "test_labels": str(raw / "labelsTs")})
     run_all(runs, workdir, parallel)
 
-    results = [json.loads((workdir / "runs" / task / arm / f"seed_{seed}" / "result.json").read_text())
-               for task in args.tasks for arm in arms for seed in args.seeds]
-    table = summarise(results, list(arms), {task: unseen_protocol_cases(workdir, task, settings["labeled"])
+    results, table_arms = finished_results(workdir, args.tasks, list(arms))
+    table = summarise(results, table_arms, {task: unseen_protocol_cases(workdir, task, settings["labeled"])
                                             for task in args.tasks})
     header = (f"Device: {device_description(device)}. Command: `python benchmarks/ssl_gain.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`. {args.labeled} labeled + {args.unlabeled} "
               f"unlabeled training cases, {args.test} test cases of {'x'.join(map(str, args.shape))} voxels, "
               f"patch {'x'.join(map(str, args.patch))}, features {args.features}, batch {args.batch_size}, "
               f"{args.steps} optimiser steps per arm, no test-time augmentation. Gap closed = (arm - labeled_only) "
-              f"/ (all_labeled - labeled_only), from the seed means.")
+              f"/ (all_labeled - labeled_only), from the seed means. Every finished run in the work folder is tabulated.")
     text = format_table(table, header)
     print("\n" + text)
     (workdir / "ssl_gain.md").write_text(text + "\n")
