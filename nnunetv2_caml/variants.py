@@ -46,6 +46,27 @@ class nnUNetTrainerCAML_detachTargets(nnUNetTrainerCAML):
         self.detach_sharpened_targets = True
 
 
+# ----------------------------------------------------------------------------- loss weights against nnU-Net's Dice+CE
+class nnUNetTrainerCAML_lambdaS1(nnUNetTrainerCAML):
+    """Each network's supervised loss at full weight (``lambda_s = 1``, as stock nnU-Net trains it); paper: 0.5."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lambda_s = 1.0
+
+
+class nnUNetTrainerCAML_lambdaS1_lambdaC10(nnUNetTrainerCAML):
+    """``lambda_s = 1`` and a mutual consistency weight ``lambda_c = 10`` (paper: 0.5 and 1): ``L_c`` is about 0.02
+    under nnU-Net's Dice+CE, so at weight 1 it barely moves either network."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lambda_s = 1.0
+        self.lambda_c = 10.0
+
+
 # ----------------------------------------------------------------------------- ramp-up (paper: R per labeled count)
 class nnUNetTrainerCAML_rampup40(nnUNetTrainerCAML):
     """Ramp-up over 40 % of training: the paper's setting for 4 labeled LA scans (R = 40 of 100 ramp steps)."""
