@@ -229,7 +229,10 @@ def finished_results(workdir: Path, tasks: List[str], arms: List[str]) -> tuple:
     results = [json.loads(f.read_text()) for task in tasks
                for f in sorted((workdir / "runs" / task).glob("*/seed_*/result.json"))]
     found = {r["arm"] for r in results}
-    order = [*DEFAULT_ARMS, *arms, *sorted(found)]
+    def by_name(arm):  # labeled_8 before labeled_16
+        stem = arm.rstrip("0123456789")
+        return stem, int(arm[len(stem):] or 0)
+    order = [*DEFAULT_ARMS, *arms, *sorted(found, key=by_name)]
     return results, [a for i, a in enumerate(order) if a in found and a not in order[:i]]
 
 
