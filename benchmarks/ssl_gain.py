@@ -229,6 +229,7 @@ def finished_results(workdir: Path, tasks: List[str], arms: List[str]) -> tuple:
     results = [json.loads(f.read_text()) for task in tasks
                for f in sorted((workdir / "runs" / task).glob("*/seed_*/result.json"))]
     found = {r["arm"] for r in results}
+
     def by_name(arm):  # labeled_8 before labeled_16
         stem = arm.rstrip("0123456789")
         return stem, int(arm[len(stem):] or 0)
@@ -255,7 +256,8 @@ def summarise(results: List[dict], arms: List[str], unseen: Dict[str, set] = Non
                    "worst_case": float(min(min(r["dice"].values()) for r in runs.values()))}
             cases = set(next(iter(runs.values()))["dice"])
             if unseen and cases & unseen.get(task, set()) and cases - unseen[task]:
-                for key, subset in (("seen_protocols", cases - unseen[task]), ("unseen_protocols", cases & unseen[task])):
+                for key, subset in (("seen_protocols", cases - unseen[task]),
+                                    ("unseen_protocols", cases & unseen[task])):
                     row[key] = float(np.mean([np.mean([r["dice"][c] for c in subset]) for r in runs.values()]))
             common = sorted(set(runs) & set(low) & set(high))
             if common:
@@ -426,7 +428,8 @@ def main(argv=None) -> None:
               f"unlabeled training cases, {args.test} test cases of {'x'.join(map(str, args.shape))} voxels, "
               f"patch {'x'.join(map(str, args.patch))}, features {args.features}, batch {args.batch_size}, "
               f"{args.steps} optimiser steps per arm, no test-time augmentation. Gap closed = (arm - labeled_only) "
-              f"/ (all_labeled - labeled_only), from the seed means. Every finished run in the work folder is tabulated.")
+              f"/ (all_labeled - labeled_only), from the seed means. Every finished run in the work folder is "
+              f"tabulated.")
     text = format_table(table, header)
     print("\n" + text)
     (workdir / "ssl_gain.md").write_text(text + "\n")

@@ -182,7 +182,8 @@ def demo_entry():
                         help="auto: cuda when available, else cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --workdir")
     parser.add_argument("--no-baseline", action="store_true",
-                        help="skip training stock nnU-Net on the labeled cases alone (saves about 5 minutes on 2 CPU cores)")
+                        help="skip training stock nnU-Net on the labeled cases alone (saves about 5 minutes on "
+                             "2 CPU cores)")
     args = parser.parse_args()
     run_demo(args.workdir, args.task, args.device, args.overwrite, baseline=not args.no_baseline)
 

@@ -16,13 +16,13 @@ that a handful of labeled scans do not solve them alone:
     look-alikes: a thick tube of constant calibre crossing the volume, one or two thin straight
     unbranched tubes of constant calibre, a curved bone-like sheet, and sometimes a closed ring.
 
-Every case draws one of eight (atrium) or five (vessel) **acquisition protocols** (``_ATRIUM_PROTOCOLS``, ``_VESSEL_PROTOCOLS``)
-that change what nnU-Net's intensity augmentation cannot undo: which structures are bright (walls dark
+Every case draws one of eight (atrium) or five (vessel) **acquisition protocols**
+(``_ATRIUM_PROTOCOLS``, ``_VESSEL_PROTOCOLS``) that change what nnU-Net's intensity augmentation cannot undo: which structures are bright (walls dark
 or enhanced above the blood, fat bright or suppressed, bone brighter or darker than the vessels, veins
 dimmer or brighter than arteries), contrast, inhomogeneity, blur and noise. A handful of labeled cases
 sees only some protocols, the unlabeled and test cases see all of them, to make the tasks label-bound
-(``benchmarks/ssl_gain.py --calibrate`` measures it; the README has the numbers: the vessel task is, with 4
-labeled cases 12.6 Dice points below all 36 labeled; the atrium task is not yet, 3.8 points). Within a protocol, every case still varies in
+(``benchmarks/ssl_gain.py --calibrate`` measures it; README: the vessel task is, 4 labeled cases stay 12.6 Dice
+points below all 36; the atrium task is not yet, 3.8 points). Within a protocol, every case still varies in
 shape, position, contrast, noise and bias field, and no global intensity threshold separates the label
 (the tests check that the best threshold's Dice is low). Geometry is drawn in millimetres on the voxel
 grid given by ``shape`` and ``spacing`` (both in numpy z, y, x order) and sized relative to the default
@@ -315,7 +315,8 @@ def _atrium_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
 #: augmentation does not undo: which tissues are bright (walls dark or enhanced above the blood, fat bright or
 #: suppressed), blood-to-tissue contrast, flow inhomogeneity, bias field, blur and noise. Ranges are multiples of the
 #: case's tissue intensity (``blood``, ``wall``, ``fat``), of its blood intensity (``noise``), in mm (``blur_mm``).
-#: A handful of labeled cases covers only some protocols: this is what makes the task label-bound.
+#: A handful of labeled cases covers only some protocols, meant to make the task label-bound (not yet reached, see
+#: the README's calibration).
 _ATRIUM_PROTOCOLS = (
     dict(name="bright-blood", blood=(2.2, 3.0), wall=(0.35, 0.55), fat=(1.4, 1.8), noise=(0.03, 0.05),
          blur_mm=(0.4, 0.7), bias=(0.1, 0.25), inhomogeneity=0.04),
