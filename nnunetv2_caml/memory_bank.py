@@ -8,7 +8,7 @@ Difference to the paper's code: the paper keeps *every* correctly classified vox
 the CPU). nnU-Net's patches are far larger (up to millions of voxels), so here each case keeps a uniform random
 subset of at most ``entries_per_case`` voxels per class. Sampling from the bank stays uniform over stored entries.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -70,6 +70,21 @@ class LabeledMemoryBank:
             self._embeddings[c, row, :of_class.shape[0]] = of_class
             self._counts[c, row] = of_class.shape[0]
 
+    def snapshot(self, case_ids: Sequence[str]) -> tuple:
+        """What :meth:`update` of ``case_ids`` can change, for :meth:`restore` (e.g. after a non-finite step)."""
+        rows = sorted({self._rows[str(c)] for c in case_ids if str(c) in self._rows})
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return dict(self._rows), index, self._embeddings[:, index].clone(), self._counts[:, index].clone()
+
+    def restore(self, snapshot: tuple) -> None:
+        """Undo every :meth:`update` since :meth:`snapshot` of the same cases (cases added since are forgotten)."""
+        rows, index, embeddings, counts = snapshot
+        for case in set(self._rows) - set(rows):
+            self._counts[:, self._rows[case]] = 0
+        self._rows = dict(rows)
+        self._embeddings[:, index] = embeddings
+        self._counts[:, index] = counts
+
     def indices_to_store(self, labels: torch.Tensor) -> torch.Tensor:
         """Which of the voxels with classes ``labels`` ``[N]`` a case keeps: a uniform random subset of at most
         ``entries_per_case`` per class (labels outside ``0..num_classes-1`` are dropped)."""
@@ -122,14 +137,17 @@ class LabeledMemoryBank:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a bank saved by :meth:`state_dict`; its shape must match this bank's."""
+        """Restore a bank saved by :meth:`state_dict`; classes and embedding size must match this bank's. The bank
+        keeps its own ``entries_per_case``: a case that stored more keeps a uniform random subset."""
         for key in ("num_classes", "embedding_dim"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"memory bank in checkpoint has {key}={state[key]}, this trainer uses "
                                  f"{getattr(self, key)}")
-        self._allocate(state["entries_per_case"], len(state["entries"]))
+        self._allocate(self.entries_per_case, len(state["entries"]))
         for case, per_class in state["entries"].items():
             row = self._row(case)
             for c, entries in enumerate(per_class):
+                if entries.shape[0] > self.entries_per_case:
+                    entries = entries[torch.randperm(entries.shape[0])[:self.entries_per_case]]
                 self._embeddings[c, row, :entries.shape[0]] = entries.to(self.device)
                 self._counts[c, row] = entries.shape[0]

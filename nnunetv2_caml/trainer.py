@@ -10,7 +10,13 @@ and ``L_o`` the omni-correlation consistency loss (full-resolution outputs, all 
 Everything else is nnU-Net's: plans, preprocessing, patch sampling, augmentation (unlabeled patches get the same
 training augmentation), SGD with poly learning rate, validation on the main network, checkpoints whose
 ``network_weights`` hold the main network only (so ``nnUNetv2_predict -tr nnUNetTrainerCAML`` works unchanged).
+
+What CAML adds to make a run fail loudly rather than train wrong: checkpoints are written atomically
+(:mod:`nnunetv2_caml.checkpoints`), the unlabeled data must match the plans it is trained with, a step whose loss is
+not finite is skipped (no optimizer step, no memory bank write) and many in a row stop the run, and every refusal is
+one line (:mod:`nnunetv2_caml.errors`).
 """
+import io
 import os
 from typing import List
 
@@ -27,20 +33,31 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from torch import autocast, nn
 
+from nnunetv2_caml.checkpoints import (CHECKPOINT_AUXILIARY_NETWORK, CHECKPOINT_MEMORY_BANK, CHECKPOINT_OCC_HEADS,
+                                       CHECKPOINT_SETTINGS, CAMLCheckpointError, caml_state_digest, has_caml_state,
+                                       read_checkpoint, save_atomically)
+from nnunetv2_caml.errors import CAMLError, install_one_line_errors
 from nnunetv2_caml.losses import mutual_consistency_loss, sigmoid_rampup
 from nnunetv2_caml.networks import DecoderFeatures, build_auxiliary_network, feature_channels
 from nnunetv2_caml.occ import OmniCorrelationConsistency
 from nnunetv2_caml.progress import CAML_LOSS_KEYS, CAML_MEMORY_KEY, CAMLLocalLogger
-from nnunetv2_caml.unlabeled import assert_unlabeled_data_ready, unlabeled_case_identifiers
+from nnunetv2_caml.unlabeled import assert_unlabeled_data_ready, preprocessing_fingerprint, unlabeled_case_identifiers
 
-#: checkpoint keys of CAML's extra state (``network_weights`` stays nnU-Net's: the main network)
-CHECKPOINT_AUXILIARY_NETWORK = "caml_auxiliary_network_weights"
-CHECKPOINT_OCC_HEADS = "caml_occ_heads"
-CHECKPOINT_MEMORY_BANK = "caml_memory_bank"
+install_one_line_errors()  # nnUNetv2_train imports this module: its CAML refusals print as one line
+
+#: the trainer attributes that make up CAML's settings (logged at the start, after --c, stored in checkpoints)
+CAML_SETTINGS = ("lambda_s", "lambda_c", "lambda_o", "rampup_fraction", "sharpen_temperature",
+                 "detach_sharpened_targets", "use_cma", "cma_stage", "cma_num_heads", "use_occ", "occ_embedding_dim",
+                 "occ_temperature", "occ_top_k", "memory_per_class", "memory_entries_per_case", "unlabeled_batch_size",
+                 "max_consecutive_nonfinite_steps")
 
 
-class CAMLConfigurationError(RuntimeError):
+class CAMLConfigurationError(CAMLError):
     """The dataset, plans or environment cannot be trained with CAML."""
+
+
+class CAMLTrainingError(CAMLError):
+    """Training cannot go on (e.g. the loss stays non-finite)."""
 
 
 class nnUNetTrainerCAML(nnUNetTrainer):
@@ -64,12 +81,15 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.memory_per_class = 256             # memory entries sampled per class and step
         self.memory_entries_per_case = 4096     # stored per labeled case and class (nnU-Net patches are large)
         self.unlabeled_batch_size = None        # None: as many unlabeled as labeled patches (nnU-Net)
+        self.max_consecutive_nonfinite_steps = 10  # skipped NaN/inf steps in a row that stop the run
 
         self.auxiliary_network = None
         self.occ = None
         self.dataloader_unlabeled = None
         self._features_main = self._features_aux = None
         self._iterations_this_epoch = 0
+        self._nonfinite_in_a_row = 0
+        self._resumed_without_caml_state = None  # the checkpoint loaded, when it held only the main network
         self.logger.local_logger = CAMLLocalLogger()
 
         if self.is_cascaded:
@@ -98,12 +118,11 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         super().initialize()
         self._features_main = DecoderFeatures(self.network)
         self._features_aux = DecoderFeatures(self.auxiliary_network)
-        self.print_to_log_file(
-            "CAML: " + ", ".join(f"{k}={getattr(self, k)}" for k in (
-                "lambda_s", "lambda_c", "lambda_o", "rampup_fraction", "sharpen_temperature",
-                "detach_sharpened_targets", "use_cma", "cma_stage", "cma_num_heads", "use_occ", "occ_embedding_dim",
-                "occ_temperature", "occ_top_k", "memory_per_class", "memory_entries_per_case")) +
-            f", unlabeled_batch_size={self._unlabeled_batch_size()}")
+        self.print_to_log_file("CAML settings: " + ", ".join(f"{k}={v}" for k, v in self.caml_settings().items()))
+
+    def caml_settings(self) -> dict:
+        """CAML's settings in force (``unlabeled_batch_size`` resolved to the number of patches)."""
+        return {**{k: getattr(self, k) for k in CAML_SETTINGS}, "unlabeled_batch_size": self._unlabeled_batch_size()}
 
     def _do_i_compile(self):
         # torch.compile of the main network is only used when asked for explicitly (nnUNet_compile=1): CAML reads
@@ -119,12 +138,22 @@ class nnUNetTrainerCAML(nnUNetTrainer):
     def _unlabeled_batch_size(self) -> int:
         return self.unlabeled_batch_size or self.configuration_manager.batch_size
 
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        self._num_labeled_cases = len(dataset_tr.identifiers)
+        return dataset_tr, dataset_val
+
     def get_dataloaders(self):
+        fingerprint = preprocessing_fingerprint(self.plans_manager, self.configuration_manager, self.dataset_json)
         unlabeled_folder = assert_unlabeled_data_ready(self.plans_manager.dataset_name,
                                                        self.configuration_manager.data_identifier,
-                                                       self.configuration_name, self.plans_manager.plans_name)
+                                                       self.configuration_name, self.plans_manager.plans_name,
+                                                       fingerprint)
         dataloader_train, dataloader_val = super().get_dataloaders()
         self.dataloader_unlabeled = self._get_unlabeled_dataloader(unlabeled_folder)
+        self.print_to_log_file(f"CAML: training on {self._num_labeled_cases} labeled case(s) of fold {self.fold} and "
+                               f"{len(unlabeled_case_identifiers(unlabeled_folder))} unlabeled case(s) from "
+                               f"{unlabeled_folder}")
         return dataloader_train, dataloader_val
 
     def _get_unlabeled_dataloader(self, unlabeled_folder: str):
@@ -146,6 +175,15 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             return SingleThreadedAugmenter(loader, None)
         return NonDetMultiThreadedAugmenter(loader, None, num_processes, max(6, num_processes // 2), None,
                                             pin_memory=self.device.type == "cuda", wait_time=0.002)
+
+    def on_train_start(self):
+        if self._resumed_without_caml_state is not None:
+            filename, trainer_name = self._resumed_without_caml_state
+            raise CAMLCheckpointError(
+                f"{filename} was written by {trainer_name} and holds only the main network (no auxiliary network, "
+                f"OCC heads or memory bank): CAML cannot resume it with --c. --val still validates it; to train CAML, "
+                f"move {self.output_folder} away and start without --c")
+        super().on_train_start()
 
     def on_train_end(self):
         super().on_train_end()
@@ -173,6 +211,9 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]] \
             if isinstance(batch["target"], list) else batch["target"].to(self.device, non_blocking=True)
         lambda_c, lambda_o = self.rampup_weights()
+        # what a non-finite step must not change besides the weights: norm buffers and the memory bank's rows
+        buffers = [b.clone() for m in (self.network, self.auxiliary_network, self.occ) for b in m.buffers()]
+        bank = self.occ.memory_bank.snapshot(batch["keys"]) if self.use_occ else None
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
@@ -191,7 +232,16 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         loss_occ = self.omni_correlation_consistency(features_main, features_aux, probs_main, probs_aux,
                                                      _full_resolution(target)[:, 0], num_labeled, batch["keys"])
         loss = self.lambda_s * (loss_sup_main + loss_sup_aux) + lambda_c * loss_consistency + lambda_o * loss_occ
+        terms = {"loss": loss, "caml_loss_sup_main": loss_sup_main, "caml_loss_sup_aux": loss_sup_aux,
+                 "caml_loss_consistency": loss_consistency, "caml_loss_occ": loss_occ}
+        values = torch.stack([t.detach().float() for t in terms.values()]).cpu().numpy()  # one copy to the host
+        self._iterations_this_epoch += 1
+        step = {**dict(zip(terms, values)), "caml_lambda_c": np.float64(lambda_c),
+                "caml_lambda_o": np.float64(lambda_o)}
 
+        if not np.isfinite(values).all():
+            return self._skip_nonfinite_step(step, buffers, bank)
+        self._nonfinite_in_a_row = 0
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -203,11 +253,26 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 12)
             self.optimizer.step()
-        self._iterations_this_epoch += 1
-        terms = {"loss": loss, "caml_loss_sup_main": loss_sup_main, "caml_loss_sup_aux": loss_sup_aux,
-                 "caml_loss_consistency": loss_consistency, "caml_loss_occ": loss_occ}
-        values = torch.stack([t.detach().float() for t in terms.values()]).cpu().numpy()  # one copy to the host
-        return {**dict(zip(terms, values)), "caml_lambda_c": np.float64(lambda_c), "caml_lambda_o": np.float64(lambda_o)}
+        return {**step, "caml_nonfinite_step": False}
+
+    def _skip_nonfinite_step(self, step: dict, buffers: List[torch.Tensor], bank) -> dict:
+        """No optimizer step; undo the forward pass's writes (norm buffers, memory bank); stop after too many."""
+        for saved, current in zip(buffers, (b for m in (self.network, self.auxiliary_network, self.occ)
+                                            for b in m.buffers())):
+            current.copy_(saved)
+        if bank is not None:
+            self.occ.memory_bank.restore(bank)
+        self._nonfinite_in_a_row += 1
+        terms = ", ".join(f"{k.removeprefix('caml_')} {step[k]:.4g}" for k in ("loss", *CAML_LOSS_KEYS))
+        self.print_to_log_file(f"CAML: skipped step {self._iterations_this_epoch} of epoch {self.current_epoch}: "
+                               f"non-finite loss ({terms})")
+        if self._nonfinite_in_a_row >= self.max_consecutive_nonfinite_steps:
+            raise CAMLTrainingError(
+                f"{self._nonfinite_in_a_row} training steps in a row had a non-finite loss ({terms}): the data "
+                f"holds NaN/inf or training diverged. Check the images (nnUNetv2_plan_and_preprocess "
+                f"--verify_dataset_integrity, nnUNetv2_caml_preprocess_unlabeled --overwrite); the checkpoints in "
+                f"{self.output_folder} are intact")
+        return {**step, "caml_nonfinite_step": True}
 
     def omni_correlation_consistency(self, features_main, features_aux, probs_main, probs_aux, target,
                                      num_labeled: int, labeled_case_ids: List[str]) -> torch.Tensor:
@@ -222,40 +287,80 @@ class nnUNetTrainerCAML(nnUNetTrainer):
                             probs_aux[num_labeled:])
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
-        super().on_train_epoch_end(train_outputs)
-        outputs = collate_outputs(train_outputs)
+        finite = [o for o in train_outputs if not o["caml_nonfinite_step"]]
+        skipped = len(train_outputs) - len(finite)
+        outputs = collate_outputs(finite or train_outputs)  # an epoch of skipped steps logs NaN
+        super().on_train_epoch_end(finite or train_outputs)
         for key in (*CAML_LOSS_KEYS, "caml_lambda_c", "caml_lambda_o"):
             self.logger.log(key, float(np.mean(outputs[key])), self.current_epoch)
         fill = self.occ.memory_bank.fill()
         self.logger.log(CAML_MEMORY_KEY, int(sum(fill)), self.current_epoch)
         self.print_to_log_file(
-            "CAML: " + ", ".join(f"{k[5:]} {np.round(np.mean(outputs[k]), 4)}" for k in CAML_LOSS_KEYS) +
-            f", lambda_c {np.round(np.mean(outputs['caml_lambda_c']), 4)}, lambda_o "
-            f"{np.round(np.mean(outputs['caml_lambda_o']), 4)}, memory bank per class {fill}")
+            "CAML: " + ", ".join(f"{k[5:]} {np.mean(outputs[k]):.4f}" for k in CAML_LOSS_KEYS) +
+            f", lambda_c {np.mean(outputs['caml_lambda_c']):.4f}, lambda_o {np.mean(outputs['caml_lambda_o']):.4f}, "
+            f"memory bank per class {fill}" + (f", {skipped} non-finite step(s) skipped" if skipped else ""))
 
     # ------------------------------------------------------------------ checkpoints
+    def _caml_state(self) -> dict:
+        return {CHECKPOINT_AUXILIARY_NETWORK: self.auxiliary_network.state_dict(),
+                CHECKPOINT_OCC_HEADS: self.occ.state_dict(),
+                CHECKPOINT_MEMORY_BANK: self.occ.memory_bank.state_dict()}
+
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)  # network_weights = the main network, as nnUNetv2_predict expects
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint[CHECKPOINT_AUXILIARY_NETWORK] = self.auxiliary_network.state_dict()
-            checkpoint[CHECKPOINT_OCC_HEADS] = self.occ.state_dict()
-            checkpoint[CHECKPOINT_MEMORY_BANK] = self.occ.memory_bank.state_dict()
-            torch.save(checkpoint, filename)
+        """nnU-Net's checkpoint plus CAML's state, written once and moved into place atomically."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)  # nnU-Net logs that checkpointing is disabled
+        nnunet_checkpoint = io.BytesIO()
+        super().save_checkpoint(nnunet_checkpoint)  # nnU-Net's keys, whatever its version writes
+        nnunet_checkpoint.seek(0)
+        checkpoint = torch.load(nnunet_checkpoint, map_location="cpu", weights_only=False)
+        checkpoint.update(self._caml_state())
+        checkpoint[CHECKPOINT_SETTINGS] = self.caml_settings()
+        save_atomically(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
-        missing = [k for k in (CHECKPOINT_AUXILIARY_NETWORK, CHECKPOINT_OCC_HEADS, CHECKPOINT_MEMORY_BANK)
-                   if k not in checkpoint]
-        if missing:
-            raise CAMLConfigurationError(f"checkpoint lacks CAML's state {missing}: it was not written by "
-                                         f"nnUNetTrainerCAML; resume only CAML runs with --c.")
-        super().load_checkpoint(filename_or_checkpoint)
+        """Load a CAML checkpoint fully, or a checkpoint holding only the main network for validation (``--val``);
+        resuming such one is refused in :meth:`on_train_start`. Unreadable files are refused in one line."""
+        if not isinstance(filename_or_checkpoint, str):
+            raise TypeError("nnUNetTrainerCAML.load_checkpoint takes the checkpoint's file name")
+        filename = filename_or_checkpoint
+        checkpoint = read_checkpoint(filename, self.device)
+        if not has_caml_state(checkpoint):
+            self._load_main_network_only(checkpoint)
+            trainer_name = checkpoint.get("trainer_name", "an unknown trainer")
+            self._resumed_without_caml_state = (filename, trainer_name)
+            self.print_to_log_file(f"CAML: {filename} (written by {trainer_name}) holds only the main network: "
+                                   f"loaded for validation/prediction; it cannot be resumed with --c")
+            return
+        super().load_checkpoint(filename)
+        self._resumed_without_caml_state = None
         self.auxiliary_network.load_state_dict(checkpoint[CHECKPOINT_AUXILIARY_NETWORK])
         self.occ.load_state_dict(checkpoint[CHECKPOINT_OCC_HEADS])
         self.occ.memory_bank.load_state_dict(checkpoint[CHECKPOINT_MEMORY_BANK])
+        settings = self.caml_settings()
+        stored = checkpoint.get(CHECKPOINT_SETTINGS, {})
+        changed = [f"{k} {stored[k]} -> {v}" for k, v in settings.items() if k in stored and stored[k] != v]
+        state = self._caml_state()
+        self.print_to_log_file(
+            f"CAML: loaded {filename} at epoch {self.current_epoch}: auxiliary network, OCC heads and memory bank "
+            f"({len(self.occ.memory_bank.case_ids)} cases, {sum(self.occ.memory_bank.fill())} entries) restored, "
+            f"state digest {caml_state_digest(*state.values())}")
+        self.print_to_log_file("CAML settings in force: " + ", ".join(f"{k}={v}" for k, v in settings.items()) +
+                               (f" (changed since the checkpoint: {', '.join(changed)})" if changed else ""))
+
+    def _load_main_network_only(self, checkpoint: dict) -> None:
+        """What validation needs from a checkpoint without CAML's state (e.g. stock nnU-Net's, whose optimizer has
+        one parameter group where CAML's has two): the main network's weights and the mirroring axes."""
+        if not self.was_initialized:
+            self.initialize()
+        network = self.network.module if self.is_ddp else self.network
+        network = getattr(network, "_orig_mod", network)  # torch.compile's wrapper
+        own = network.state_dict().keys()
+        network.load_state_dict({k[len("module."):] if k not in own and k.startswith("module.") else k: v
+                                 for k, v in checkpoint["network_weights"].items()})
+        self.current_epoch = checkpoint.get("current_epoch", self.current_epoch)
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
 
 
 def _labeled(output, num_labeled: int):

@@ -10,8 +10,15 @@ Each case is preprocessed by the configuration's own nnU-Net preprocessor, exact
 case would be, and saved in the format nnU-Net's ``nnUNetDatasetBlosc2`` / ``nnUNetDataLoader`` read.
 Unlabeled cases have no label: their seg array is the crop-to-nonzero mask (0 inside, -1 outside)
 and ``properties['class_locations']`` is empty.
+
+Unlabeled images are checked the way ``--verify_dataset_integrity`` checks labeled ones (see
+:func:`check_unlabeled_image`), and every preprocessed case records what it was made with
+(``properties['caml_preprocessing']``, see :func:`preprocessing_fingerprint`): cases made with other
+settings are refused by the command (without ``--overwrite``) and by the trainer.
 """
 import argparse
+import gzip
+import json
 import multiprocessing
 import os
 import re
@@ -22,7 +29,8 @@ from time import sleep
 from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p, subfiles
+from batchgenerators.utilities.file_and_folder_operations import (isdir, isfile, join, load_json, load_pickle,
+                                                                    maybe_mkdir_p, subfiles)
 from tqdm import tqdm
 
 from nnunetv2.configuration import default_num_processes
@@ -32,6 +40,8 @@ from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_dataset
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
 
+from nnunetv2_caml.errors import CAMLError
+
 UNLABELED_IMAGES_FOLDER = "imagesTrUnlabeled"
 # Cases are written here first, then renamed into the output folder. nnU-Net's dataset class only
 # looks at the files directly in the output folder, never into this subfolder.
@@ -39,10 +49,57 @@ TEMPORARY_FOLDER = ".unfinished"
 # The files of one case in the order they are moved into place: the data file comes last because
 # its presence is what makes nnU-Net's dataset class (and us) see the case.
 CASE_FILE_SUFFIXES = ("_seg.b2nd", ".pkl", ".b2nd")
+#: key in each preprocessed case's properties holding :func:`preprocessing_fingerprint` of its plans
+FINGERPRINT_KEY = "caml_preprocessing"
+#: an unlabeled image's spacing may differ from the labeled images' median by at most this factor per axis
+MAX_SPACING_RATIO = 10.0
 
 
-class UnlabeledDataError(RuntimeError):
+class UnlabeledDataError(CAMLError):
     """A problem with the unlabeled data that the user must fix; the message is one line saying how."""
+
+
+def preprocessing_fingerprint(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                              dataset_json: dict) -> dict:
+    """Everything in the plans that decides what a preprocessed case contains: the plans' identity, reader and axis
+    order, the configuration's preprocessor, spacing, normalisation and resampling, the channels, and (for CT
+    normalisation) the intensity statistics. Plain JSON values, so it compares equal with what a case stored."""
+    configuration = configuration_manager.configuration
+    plans = plans_manager.plans
+    fingerprint = {"plans_name": plans_manager.plans_name,
+                   "image_reader_writer": plans.get("image_reader_writer"),
+                   "transpose_forward": plans.get("transpose_forward"),
+                   **{k: configuration.get(k) for k in ("preprocessor_name", "spacing", "normalization_schemes",
+                                                        "use_mask_for_norm", "resampling_fn_data",
+                                                        "resampling_fn_data_kwargs")},
+                   "channel_names": dataset_json.get("channel_names", dataset_json.get("modality"))}
+    if any("CT" in scheme for scheme in configuration.get("normalization_schemes", [])):
+        fingerprint["foreground_intensity_properties_per_channel"] = \
+            plans.get("foreground_intensity_properties_per_channel")
+    return json.loads(json.dumps(fingerprint))
+
+
+def fingerprint_differences(stored: Union[dict, None], expected: dict) -> str:
+    """What differs between a case's stored fingerprint and the plans', in words (empty if nothing)."""
+    if stored is None:
+        return "made by a version without fingerprints"
+    keys = [k for k in expected if stored.get(k) != expected[k]] + [k for k in stored if k not in expected]
+    return "; ".join(f"{k} {stored.get(k)} -> {expected.get(k)}" for k in keys)
+
+
+def stale_unlabeled_cases(folder: str, case_ids: Sequence[str], expected: dict) -> Dict[str, str]:
+    """{case id: what differs} for the preprocessed cases whose fingerprint differs from ``expected``."""
+    stale = {}
+    for case in case_ids:
+        difference = fingerprint_differences(load_pickle(join(folder, case + ".pkl")).get(FINGERPRINT_KEY), expected)
+        if difference:
+            stale[case] = difference
+    return stale
+
+
+def _describe_stale(stale: Dict[str, str], total: int) -> str:
+    first = next(iter(stale))
+    return f"{len(stale)} of {total} case(s) were preprocessed with other settings (e.g. {first}: {stale[first]})"
 
 
 def unlabeled_preprocessed_folder(preprocessed_dataset_folder: str) -> str:
@@ -150,7 +207,7 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
     """Validate ``imagesTrUnlabeled`` of a raw dataset and return {case id: [channel files in order]}.
 
     Raises UnlabeledDataError if the folder is missing or empty, a file has the wrong ending or
-    name, a case lacks a channel file or has too many, or a case id also exists in imagesTr.
+    name, a case lacks a channel file or has too many, a case id ends in _seg or also exists in imagesTr.
     Hidden files (``.DS_Store``) are ignored."""
     folder = join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
     ending = dataset_json["file_ending"]
@@ -169,6 +226,9 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
         if match is None:
             raise UnlabeledDataError(f"{join(folder, f)} is not named CASE_XXXX{ending} (XXXX = 4-digit channel "
                                      f"index): rename it")
+        if match.group(1).endswith("_seg"):
+            raise UnlabeledDataError(f"{join(folder, f)}: case id {match.group(1)} ends in _seg, which nnU-Net "
+                                     f"reserves for segmentations (CASE_seg.b2nd): rename the case")
         found.setdefault(match.group(1), set()).add(int(match.group(2)))
     expected = list(range(len(channels)))
     for case, indices in sorted(found.items()):
@@ -184,18 +244,83 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
     return {case: [join(folder, f"{case}_{i:04d}{ending}") for i in expected] for case in sorted(found)}
 
 
+def _read_unlabeled_image(case_id: str, image_files: List[str], plans_manager: PlansManager) -> Tuple[np.ndarray, dict]:
+    """Read a case with the plans' reader, refusing files the reader would silently misread."""
+    for f in image_files:
+        if f.endswith(".gz"):  # SimpleITK reads a truncated .nii.gz as zeros past the cut: check the stream first
+            try:
+                with gzip.open(f, "rb") as stream:
+                    while stream.read(1 << 24):
+                        pass
+            except (OSError, EOFError) as e:
+                raise UnlabeledDataError(f"{f} is truncated or not a valid gzip file ({e}): copy or convert it "
+                                         f"again, or remove case {case_id}") from None
+    try:
+        return plans_manager.image_reader_writer_class().read_images(image_files)
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}".replace("\n", " ")
+        raise UnlabeledDataError(f"cannot read unlabeled case {case_id} ({image_files[0]}): {message}; fix or remove "
+                                 f"its files") from None
+
+
+def _looks_2d(spacing: Sequence[float]) -> bool:
+    """nnU-Net's readers give a 2D image a dummy first axis with 999 times the largest spacing."""
+    return max(spacing) >= 998 * min(spacing)
+
+
+def check_unlabeled_image(case_id: str, image_files: List[str], data: np.ndarray, properties: dict,
+                          plans_manager: PlansManager, dataset_json: dict) -> None:
+    """Refuse an unlabeled image that would train wrong, in one line naming the file and the fix.
+
+    Checked: channels per case (a 4D file counts its volumes), dimensionality and spacing against the labeled images
+    (the plans' median spacing), finite values, and constant channels: an all-constant image carries nothing to
+    learn from and usually means a broken conversion, so it is refused, not skipped."""
+    expected_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    if data.shape[0] != expected_channels:
+        raise UnlabeledDataError(f"{', '.join(image_files)} hold(s) {data.shape[0]} channel(s) but dataset.json lists "
+                                 f"{expected_channels}: store one channel per file (CASE_0000, CASE_0001, ...)")
+    spacing = [float(s) for s in properties["spacing"]]
+    median = [float(s) for s in plans_manager.plans["original_median_spacing_after_transp"]]
+    where = image_files[0]
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise UnlabeledDataError(f"{where} has spacing {spacing}: fix its header (spacings must be positive)")
+    if _looks_2d(spacing) != _looks_2d(median):
+        kind, dataset_kind = ("2D", "3D") if _looks_2d(spacing) else ("3D", "2D")
+        raise UnlabeledDataError(f"{where} is a {kind} image but the dataset's images are {dataset_kind}: convert or "
+                                 f"remove case {case_id}")
+    transposed = [spacing[i] for i in plans_manager.transpose_forward]
+    if not _looks_2d(spacing) and any(max(s / m, m / s) > MAX_SPACING_RATIO for s, m in zip(transposed, median)):
+        median = [median[i] for i in plans_manager.transpose_backward]  # in the image's axis order
+        raise UnlabeledDataError(f"{where} has spacing {spacing}, more than {MAX_SPACING_RATIO:g}x away from the "
+                                 f"labeled images' median {median} on an axis: fix its header or remove case {case_id}")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise UnlabeledDataError(f"case {case_id} ({where}) has {int((~finite).sum())} NaN/inf voxel(s): replace them "
+                                 f"(e.g. by the background value) or remove the case")
+    for c in range(data.shape[0]):
+        if data[c].min() == data[c].max():
+            raise UnlabeledDataError(f"{image_files[min(c, len(image_files) - 1)]} is constant ({data[c].flat[0]:g} "
+                                     f"everywhere): it has nothing to learn from; remove case {case_id}")
+
+
 def _preprocess_case(case_id: str, image_files: List[str], output_folder: str, preprocessor,
                      plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                     dataset_json: dict) -> None:
-    """Preprocess one unlabeled case with nnU-Net's preprocessor and save it like ``run_case_save``
+                     dataset_json: dict, fingerprint: dict) -> None:
+    """Check and preprocess one unlabeled case with nnU-Net's preprocessor and save it like ``run_case_save``
     does, but atomically: written to a temporary folder, then renamed into ``output_folder``."""
+    data, properties = _read_unlabeled_image(case_id, image_files, plans_manager)
+    check_unlabeled_image(case_id, image_files, data, properties, plans_manager, dataset_json)
     try:
-        data, seg, properties = preprocessor.run_case(image_files, None, plans_manager, configuration_manager,
-                                                      dataset_json)
+        data, seg, properties = preprocessor.run_case_npy(data, None, properties, plans_manager,
+                                                          configuration_manager, dataset_json)
     except Exception as e:
         message = f"{type(e).__name__}: {e}".replace("\n", " ")
         raise UnlabeledDataError(f"could not preprocess unlabeled case {case_id} ({image_files[0]}): {message}; "
                                  f"fix or remove its files") from None
+    if not np.isfinite(data).all():
+        raise UnlabeledDataError(f"preprocessing case {case_id} ({image_files[0]}) gave NaN/inf values (intensities "
+                                 f"too large for float32?): rescale or remove the image")
+    properties[FINGERPRINT_KEY] = fingerprint
     properties["class_locations"] = {}  # no labels; nnUNetDataLoader reads this key
     data = data.astype(np.float32, copy=False)
     seg = seg.astype(np.int16, copy=False)  # crop mask: 0 inside, -1 outside the nonzero region
@@ -257,7 +382,12 @@ def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Se
             print(f"{c}: same preprocessed data as {done_by[output_folder]} ({output_folder}), nothing to do")
             continue
         done_by[output_folder] = c
+        fingerprint = preprocessing_fingerprint(plans_manager, configuration_manager, dataset_json)
         finished = set() if overwrite else set(unlabeled_case_identifiers(output_folder)) & set(cases)
+        stale = stale_unlabeled_cases(output_folder, sorted(finished), fingerprint)
+        if stale:
+            raise UnlabeledDataError(f"{output_folder}: {_describe_stale(stale, len(finished))}, e.g. after nnU-Net's "
+                                     f"preprocessing was rerun with new plans: add --overwrite to redo them all")
         todo = [k for k in cases if k not in finished]
         print(f"{c}: {len(cases)} unlabeled case(s) -> {output_folder}: {len(todo)} to preprocess, "
               f"{len(finished)} already finished and skipped" + (" (--overwrite redoes them)" if finished else ""))
@@ -267,8 +397,8 @@ def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Se
         shutil.rmtree(temporary, ignore_errors=True)  # leftovers of an interrupted run
         maybe_mkdir_p(temporary)
         preprocessor = configuration_manager.preprocessor_class(verbose=verbose)
-        jobs = [(k, cases[k], output_folder, preprocessor, plans_manager, configuration_manager, dataset_json)
-                for k in todo]
+        jobs = [(k, cases[k], output_folder, preprocessor, plans_manager, configuration_manager, dataset_json,
+                 fingerprint) for k in todo]
         try:
             _run_in_pool(jobs, num_processes, f"Preprocessing unlabeled cases ({c})")
         finally:  # the pool's workers are gone by now
@@ -277,15 +407,22 @@ def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Se
 
 
 def assert_unlabeled_data_ready(dataset_name: str, data_identifier: str, configuration_name: str,
-                                plans_identifier: str = "nnUNetPlans") -> str:
-    """Return the unlabeled preprocessed folder for a training run if it holds a finished case;
-    otherwise raise UnlabeledDataError saying what to do. Cheap (two directory listings)."""
+                                plans_identifier: str = "nnUNetPlans", fingerprint: Union[dict, None] = None) -> str:
+    """Return the unlabeled preprocessed folder for a training run if it holds a finished case (and, given the
+    plans' ``fingerprint``, every case was made with those plans); otherwise raise UnlabeledDataError saying
+    what to do. Cheap: two directory listings and one small pickle per case."""
     if not nnUNet_preprocessed.is_set():
         raise UnlabeledDataError("environment variable nnUNet_preprocessed is not set: export it")
     folder = unlabeled_preprocessed_folder(join(nnUNet_preprocessed, dataset_name, data_identifier))
-    if unlabeled_case_identifiers(folder):
-        return folder
     command = _preprocess_command(dataset_name, [configuration_name], plans_identifier)
+    case_ids = unlabeled_case_identifiers(folder)
+    if case_ids:
+        stale = stale_unlabeled_cases(folder, case_ids, fingerprint) if fingerprint is not None else {}
+        if stale:
+            raise UnlabeledDataError(f"the unlabeled data in {folder} does not match the plans of configuration "
+                                     f"{configuration_name}: {_describe_stale(stale, len(case_ids))}: run "
+                                     f"`{command} --overwrite`")
+        return folder
     raw_images = join(nnUNet_raw.get(), dataset_name, UNLABELED_IMAGES_FOLDER) if nnUNet_raw.is_set() else None
     if raw_images is None or not _has_visible_files(raw_images):
         where = raw_images or f"$nnUNet_raw/{dataset_name}/{UNLABELED_IMAGES_FOLDER} (nnUNet_raw is not set)"

@@ -131,7 +131,7 @@ def test_state_dict_round_trip():
     state = bank.state_dict()
     restored = LabeledMemoryBank(num_classes=3, embedding_dim=D, entries_per_case=99)
     restored.load_state_dict(state)
-    assert restored.entries_per_case == 5
+    assert restored.entries_per_case == 99  # the loading bank's setting stays in force
     assert restored.case_ids == bank.case_ids
     assert restored.fill() == bank.fill()
     state2 = restored.state_dict()
@@ -149,6 +149,35 @@ def test_state_dict_round_trip():
     again = LabeledMemoryBank(num_classes=3, embedding_dim=D, entries_per_case=5)
     again.load_state_dict(torch.load(buf, weights_only=True))
     assert again.fill() == bank.fill()
+
+
+def test_load_state_dict_with_smaller_cap_keeps_a_subset():
+    bank = LabeledMemoryBank(num_classes=2, embedding_dim=D, entries_per_case=10)
+    bank.update("a", _rows(0, 8), torch.tensor([0, 1] * 4))
+    smaller = LabeledMemoryBank(num_classes=2, embedding_dim=D, entries_per_case=3)
+    smaller.load_state_dict(bank.state_dict())
+    assert smaller.fill() == [3, 3]
+    for kept, stored in zip(smaller.state_dict()["entries"]["a"], bank.state_dict()["entries"]["a"]):
+        assert _as_set(kept) <= _as_set(stored)
+
+
+def test_restore_undoes_updates_since_snapshot():
+    torch.manual_seed(0)
+    bank = LabeledMemoryBank(num_classes=2, embedding_dim=D, entries_per_case=6)
+    bank.update("a", torch.randn(5, D), torch.tensor([0, 1, 0, 1, 0]))
+    bank.update("b", torch.randn(4, D), torch.tensor([0, 0, 1, 1]))
+    before = bank.state_dict()
+    snapshot = bank.snapshot(["a", "c"])  # "c" is new: its update must be forgotten
+    bank.update("a", torch.full((3, D), float("nan")), torch.tensor([1, 1, 1]))
+    bank.update("c", torch.randn(2, D), torch.tensor([0, 1]))
+    bank.restore(snapshot)
+    after = bank.state_dict()
+    assert bank.case_ids == ["a", "b"] and bank.fill() == [5, 4]
+    for case in ("a", "b"):
+        for x, y in zip(before["entries"][case], after["entries"][case]):
+            assert torch.equal(x, y)
+    bank.update("d", torch.randn(2, D), torch.tensor([0, 1]))  # the forgotten row is reused cleanly
+    assert bank.case_ids == ["a", "b", "d"] and bank.fill() == [6, 5]
 
 
 def test_load_state_dict_mismatch_raises():

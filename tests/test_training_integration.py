@@ -95,8 +95,10 @@ def test_continue_restores_auxiliary_network_heads_and_memory_bank(trained):
 def _train_error(d, configuration=None) -> str:
     result = run_cli(["nnUNetv2_train", d["dataset_id"], configuration or d["configuration"], "all", "-tr",
                       TRAINER, "-device", "cpu"], d["env"], check=False)
-    assert result.returncode != 0
-    return result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("ERROR: "), result.stderr[-3000:]  # the refusal is one line
+    return line
 
 
 def test_training_without_unlabeled_preprocessing_names_the_command(caml_dataset):

@@ -21,9 +21,9 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class, nnUNetDatasetBlosc2
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_caml.unlabeled import (TEMPORARY_FOLDER, UNLABELED_IMAGES_FOLDER, UnlabeledDataError,
-                                     assert_unlabeled_data_ready, unlabeled_case_identifiers,
-                                     unlabeled_preprocessed_folder)
+from nnunetv2_caml.unlabeled import (FINGERPRINT_KEY, TEMPORARY_FOLDER, UNLABELED_IMAGES_FOLDER, UnlabeledDataError,
+                                     assert_unlabeled_data_ready, preprocessing_fingerprint,
+                                     unlabeled_case_identifiers, unlabeled_preprocessed_folder)
 
 DATASET_ID = 987
 DATASET = "Dataset987_CamlUnlabeledTest"
@@ -157,6 +157,7 @@ def test_loads_with_nnunet_dataset_and_dataloader(env, first_run):
 
     data, seg, seg_prev, properties = dataset.load_case("unl_000")
     assert properties["class_locations"] == {} and seg_prev is None
+    assert properties[FINGERPRINT_KEY] == preprocessing_fingerprint(pm, cm, dataset_json)  # what made the case
     assert set(np.unique(seg[:])) == {-1, 0}  # crop mask: the zero corner is outside
     # same image as labeled case_000 -> same data as nnU-Net's own preprocessing wrote for it
     labeled = nnUNetDatasetBlosc2(join(env["nnUNet_preprocessed"], DATASET, "nnUNetPlans_3d_fullres"))
@@ -231,6 +232,44 @@ def _clashing_id(unlabeled):
     shutil.copy(join(unlabeled, f"unl_001_0000{ENDING}"), join(unlabeled, f"case_003_0000{ENDING}"))
 
 
+def _new_case(unlabeled, array, spacing=(1.0, 1.0, 1.0), name="unl_003"):
+    """Add an unlabeled case (one file) holding ``array``."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing[:image.GetDimension()])
+    sitk.WriteImage(image, join(unlabeled, f"{name}_0000{ENDING}"))
+
+
+def _with(value, where=(slice(2, 4),)):
+    array = _make_case(np.random.default_rng(5))[0]
+    array[where] = value
+    return array
+
+
+def _non_finite(unlabeled, env, value):
+    """A case with NaN/inf voxels, read by NibabelIO (SimpleITK's NIfTI reader turns them into 0, NibabelIO keeps
+    them) as the only unlabeled case: the reader is part of the plans, so the finished cases made with SimpleITKIO
+    are removed first."""
+    for f in os.listdir(unlabeled):
+        os.remove(join(unlabeled, f))
+    shutil.rmtree(join(env["nnUNet_preprocessed"], BROKEN, "nnUNetPlans_3d_fullres_unlabeled"))
+    plans_file = join(env["nnUNet_preprocessed"], BROKEN, "nnUNetPlans.json")
+    with open(plans_file) as f:
+        plans = json.load(f)
+    plans["image_reader_writer"] = "NibabelIO"
+    with open(plans_file, "w") as f:
+        json.dump(plans, f)
+    _new_case(unlabeled, _with(value))
+
+
+def _truncated(unlabeled):
+    _new_case(unlabeled, _make_case(np.random.default_rng(5))[0])
+    path = join(unlabeled, f"unl_003_0000{ENDING}")
+    with open(path, "rb") as f:
+        content = f.read()
+    with open(path, "wb") as f:
+        f.write(content[:len(content) // 2])
+
+
 BAD_INPUTS = {
     # name: (break the copy, command arguments, words the message must contain)
     "unknown_dataset": (None, ["-d", 999], ["999", "not found", "nnUNet_raw"]),
@@ -247,6 +286,20 @@ BAD_INPUTS = {
                               ["3d_nope", "use one of", "3d_fullres"]),
     "cascade_configuration": (None, ["-d", BROKEN_ID, "-c", "3d_fake_cascade"], ["previous_stage", "3d_fake_cascade"]),
     "id_also_in_imagesTr": (lambda u, env: _clashing_id(u), ["-d", BROKEN_ID], ["case_003", "imagesTr"]),
+    "id_ending_in_seg": (lambda u, env: _new_case(u, _with(1.0), name="unl_003_seg"), ["-d", BROKEN_ID],
+                         ["unl_003_seg_0000", "_seg", "rename"]),
+    # the file checks below run on a case that is not preprocessed yet; the finished ones must stay untouched
+    "nan_voxels": (lambda u, env: _non_finite(u, env, np.nan), ["-d", BROKEN_ID], ["unl_003", "NaN/inf", "replace"]),
+    "inf_voxels": (lambda u, env: _non_finite(u, env, np.inf), ["-d", BROKEN_ID], ["unl_003", "NaN/inf"]),
+    "2d_image": (lambda u, env: _new_case(u, _make_case(np.random.default_rng(5))[0][12]), ["-d", BROKEN_ID],
+                 ["unl_003_0000", "2D image", "3D"]),
+    "two_channels_in_one_file": (lambda u, env: _new_case(u, np.stack([_with(1.0)] * 2)), ["-d", BROKEN_ID],
+                                 ["unl_003_0000", "2 channel(s)", "lists 1"]),
+    "truncated_file": (lambda u, env: _truncated(u), ["-d", BROKEN_ID], ["unl_003_0000", "truncated"]),
+    "implausible_spacing": (lambda u, env: _new_case(u, _with(1.0), spacing=(1.0, 1.0, 50.0)), ["-d", BROKEN_ID],
+                            ["unl_003_0000", "spacing", "median"]),
+    "constant_image": (lambda u, env: _new_case(u, np.full(SHAPE, 7.0, np.float32)), ["-d", BROKEN_ID],
+                       ["unl_003_0000", "constant", "remove"]),
 }
 
 
@@ -266,11 +319,43 @@ def test_bad_input_fails_with_one_line(env, broken, name):
     before = _snapshot(env["nnUNet_preprocessed"])
     result = _run(env, "nnUNetv2_caml_preprocess_unlabeled", *arguments, "-np", 1)
     assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
+    # the progress bar (tqdm, on stderr like nnU-Net's) may stand before the error; the error is one line
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("Preprocessing unlabeled")]
     assert len(lines) == 1 and lines[0].startswith("ERROR: ") and "Traceback" not in result.stderr, result.stderr
     for word in words:
         assert word in lines[0], lines[0]
     assert _snapshot(env["nnUNet_preprocessed"]) == before
+
+
+def test_plans_changed_after_preprocessing(nnunet_paths, broken):
+    """New plans (here: another spacing) make the finished cases stale: the command refuses without --overwrite,
+    the trainer's check refuses and names the command, --overwrite redoes every case."""
+    env = nnunet_paths
+    plans_file = join(env["nnUNet_preprocessed"], BROKEN, "nnUNetPlans.json")
+    with open(plans_file) as f:
+        plans = json.load(f)
+    plans["configurations"]["3d_fullres"]["spacing"] = [1.5, 1.5, 1.5]
+    with open(plans_file, "w") as f:
+        json.dump(plans, f)
+    before = _snapshot(env["nnUNet_preprocessed"])
+    result = _run(env, "nnUNetv2_caml_preprocess_unlabeled", "-d", BROKEN_ID, "-np", 1)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "3 of 3 case(s)" in lines[0] and "spacing [1.0, 1.0, 1.0] -> [1.5, 1.5, 1.5]" in lines[0]
+    assert "--overwrite" in lines[0]
+    assert _snapshot(env["nnUNet_preprocessed"]) == before
+
+    pm = PlansManager(plans_file)
+    with open(join(env["nnUNet_preprocessed"], BROKEN, "dataset.json")) as f:
+        fingerprint = preprocessing_fingerprint(pm, pm.get_configuration("3d_fullres"), json.load(f))
+    with pytest.raises(UnlabeledDataError) as error:
+        assert_unlabeled_data_ready(BROKEN, "nnUNetPlans_3d_fullres", "3d_fullres", fingerprint=fingerprint)
+    assert f"`nnUNetv2_caml_preprocess_unlabeled -d {BROKEN_ID} -c 3d_fullres --overwrite`" in str(error.value)
+
+    redo = _run(env, "nnUNetv2_caml_preprocess_unlabeled", "-d", BROKEN_ID, "-np", 1, "--overwrite")
+    assert redo.returncode == 0 and "3 to preprocess" in redo.stdout, redo.stderr
+    folder = assert_unlabeled_data_ready(BROKEN, "nnUNetPlans_3d_fullres", "3d_fullres", fingerprint=fingerprint)
+    assert nnUNetDatasetBlosc2(folder).load_case("unl_001")[3][FINGERPRINT_KEY]["spacing"] == [1.5, 1.5, 1.5]
 
 
 def test_ready_returns_folder(nnunet_paths, first_run):
