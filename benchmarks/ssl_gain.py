@@ -421,6 +421,9 @@ def main(argv=None) -> None:
     run_all(runs, workdir, parallel)
 
     results, table_arms = finished_results(workdir, args.tasks, list(arms))
+    if not results:  # e.g. `--arms` with no arm: the data is prepared, nothing is trained yet
+        print(f"[ssl-gain] no finished run in {workdir} yet: data prepared under {workdir / 'nnUNet_preprocessed'}")
+        return
     table = summarise(results, table_arms, {task: unseen_protocol_cases(workdir, task, settings["labeled"])
                                             for task in args.tasks})
     header = (f"Device: {device_description(device)}. Command: `python benchmarks/ssl_gain.py "
