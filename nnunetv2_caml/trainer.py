@@ -64,7 +64,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        # --- the paper's defaults (Gao et al., MICCAI 2023); see docs in caml-method.md ---
+        # --- the paper's defaults (Gao et al., MICCAI 2023); docs/method.md lists each with its meaning ---
         self.lambda_s = 0.5                     # weight of the supervised loss of each network
         self.lambda_c = 1.0                     # max weight of the mutual consistency loss
         self.lambda_o = 0.05                    # max weight of the omni-correlation consistency loss
