@@ -39,8 +39,8 @@ from typing import Dict, List
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-TRAINERS_FOLDER = REPO / "trainers"
+from nnunetv2_caml.nnunet_trainers import trainers_folder
+
 DATASET_IDS = {"atrium": 611, "vessel": 612}
 CONFIGURATION = "3d_bench"
 #: arm name -> (trainer class, uses every training label)
@@ -64,7 +64,7 @@ class BenchmarkError(RuntimeError):
 # --------------------------------------------------------------------------------------------- data set-up
 def _nnunet_env(workdir: Path, results: Path = None) -> dict:
     env = dict(os.environ)
-    ext = [str(TRAINERS_FOLDER)] + [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    ext = [trainers_folder()] + [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     env.update({"nnUNet_raw": str(workdir / "nnUNet_raw"), "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
                 "nnUNet_results": str(results or workdir / "nnUNet_results"),
                 "nnUNet_extTrainer": os.pathsep.join(dict.fromkeys(ext))})

@@ -52,5 +52,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                          "dataset_conversion/cas2023.py", argv)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``nnUNetv2_caml_convert_cas2023``."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

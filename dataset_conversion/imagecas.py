@@ -82,5 +82,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                          "dataset_conversion/imagecas.py", argv)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``nnUNetv2_caml_convert_imagecas``."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -189,5 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     return common.convert(args, INFO, cases, split, "dataset_conversion/la2018.py", record)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``nnUNetv2_caml_convert_la2018``."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -69,5 +69,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                          "dataset_conversion/parse2022.py", argv)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``nnUNetv2_caml_convert_parse2022``."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -21,13 +21,13 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from nnunetv2_caml.nnunet_trainers import trainers_folder
 from nnunetv2_caml.synthetic import dataset_name, generate_dataset
 
 DEMO_DATASET_IDS = {"atrium": 501, "vessel": 502}
 DEMO_TRAINER = "nnUNetTrainerCAML_demo"
 BASELINE_TRAINER = "nnUNetTrainer_CAMLdemo"  # stock nnU-Net, labeled cases only, same schedule
 DEMO_CONFIGURATION = "3d_cpu"
-TRAINERS_FOLDER = Path(__file__).resolve().parents[1] / "trainers"
 
 
 def _tool(name: str) -> str:
@@ -46,13 +46,6 @@ def _run(step: str, args: List[str], env: dict, log_file: Path) -> None:
     if result.returncode != 0:
         raise SystemExit(f"ERROR: {step} failed (exit code {result.returncode}); see {log_file}")
     print(f"[caml-demo]   done in {time.time() - start:.0f} s", flush=True)
-
-
-def _trainers_folder() -> Path:
-    if not (TRAINERS_FOLDER / "nnUNetTrainerCAML.py").is_file():
-        raise SystemExit(f"ERROR: {TRAINERS_FOLDER} with the thin trainer modules is missing; install nnunetv2_caml "
-                         f"from its repository with 'pip install -e .'")
-    return TRAINERS_FOLDER
 
 
 def write_overview_png(images_folder: Path, labels_folder: Path, predictions: Dict[str, Path], output_file: Path,
@@ -131,7 +124,7 @@ def run_demo(workdir: str, task: str = "atrium", device: str = "auto", overwrite
     env.update({"nnUNet_raw": str(workdir / "nnUNet_raw"),
                 "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
                 "nnUNet_results": str(workdir / "nnUNet_results"),
-                "nnUNet_extTrainer": str(_trainers_folder())})
+                "nnUNet_extTrainer": trainers_folder()})
     env.setdefault("nnUNet_n_proc_DA", "2" if device == "cuda" else "1")
     env.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net's export pools would spawn 8 workers
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})

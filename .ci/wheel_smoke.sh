@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Smoke test of the package as a user gets it from a wheel: build the wheel, install it (not editable) into a
+# separate virtual environment, and run the README's commands from a folder outside the checkout.
+# Run by .ci/run with the CI environment active. The heavy dependencies (torch alone is several GB) are shared with
+# that environment through a .pth file; nnunetv2_caml itself (and nnU-Net's command-line tools) come only from the
+# new environment, which the first check below asserts.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+python -m pip wheel --quiet --no-deps -w "$work/dist" "$repo"
+python -m venv "$work/env"
+env_site=$("$work/env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$env_site/ci_shared_dependencies.pth"
+nnunet_version=$(python -c 'import importlib.metadata as m; print(m.version("nnunetv2"))')
+"$work/env/bin/python" -m pip install --quiet --no-deps "$work"/dist/nnunetv2_caml-*.whl "nnunetv2==$nnunet_version"
+
+mkdir "$work/run" && cd "$work/run"
+export PATH="$work/env/bin:$PATH"
+python -c "import nnunetv2_caml, sys; f = nnunetv2_caml.__file__; print('[wheel] nnunetv2_caml from', f); \
+sys.exit(0 if f.startswith('$env_site') else 'nnunetv2_caml is not imported from the wheel')"
+export nnUNet_extTrainer=$(nnUNetv2_caml_trainers_folder)
+case "$nnUNet_extTrainer" in "$env_site"/*) ;; *) echo "trainers folder $nnUNet_extTrainer is not the wheel's"; exit 1;; esac
+export nnUNet_n_proc_DA=1 nnUNet_def_n_proc=1 nnUNet_compile=0  # the planner needs nnUNet_n_proc_DA >= 1
+
+echo "[wheel] nnUNetv2_caml_demo (CAML only)"
+nnUNetv2_caml_demo --workdir caml_demo --no-baseline > demo.log 2>&1 || { tail -40 demo.log; exit 1; }
+grep "mean" demo.log | tail -2
+export nnUNet_raw=$PWD/caml_demo/nnUNet_raw nnUNet_preprocessed=$PWD/caml_demo/nnUNet_preprocessed \
+       nnUNet_results=$PWD/caml_demo/nnUNet_results
+raw=$(ls -d "$nnUNet_raw"/Dataset501_*)
+
+echo "[wheel] nnUNetv2_caml_preprocess_unlabeled, nnUNetv2_train, nnUNetv2_predict, nnUNetv2_caml_evaluate"
+nnUNetv2_caml_preprocess_unlabeled -d 501 -c 3d_fullres -np 1 | grep "already finished"
+nnUNetv2_train 501 3d_cpu all -tr nnUNetTrainerCAML_tiny -device cpu > train.log 2>&1 || { tail -40 train.log; exit 1; }
+nnUNetv2_predict -i "$raw/imagesTs" -o predictions -d 501 -c 3d_cpu -f all -tr nnUNetTrainerCAML_tiny \
+  -chk checkpoint_final.pth -device cpu --disable_tta -npp 1 -nps 1 > predict.log 2>&1 || { tail -40 predict.log; exit 1; }
+nnUNetv2_caml_evaluate -ref "$raw/labelsTs" -pred predictions -o summary.json | tail -2
+test -s summary.json
+
+echo "[wheel] converters"
+for converter in la2018 cas2023 parse2022 imagecas; do
+  nnUNetv2_caml_convert_$converter --help > /dev/null
+  # a missing source folder is refused in one line: the converter and its shared module import from the wheel
+  if nnUNetv2_caml_convert_$converter -i missing_source -d 130 --labeled 2 2> err.txt; then exit 1; fi
+  test "$(wc -l < err.txt)" -eq 1 && grep -q "^ERROR: " err.txt
+done
+echo "[wheel] smoke test passed"
