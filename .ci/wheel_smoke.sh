@@ -9,12 +9,14 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+rm -rf "$repo/build"  # setuptools would pack stale modules left there by an earlier build
 python -m pip wheel --quiet --no-deps -w "$work/dist" "$repo"
 python -m venv "$work/env"
 env_site=$("$work/env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$env_site/ci_shared_dependencies.pth"
 nnunet_version=$(python -c 'import importlib.metadata as m; print(m.version("nnunetv2"))')
 "$work/env/bin/python" -m pip install --quiet --no-deps "$work"/dist/nnunetv2_caml-*.whl "nnunetv2==$nnunet_version"
+"$work/env/bin/python" -m pip check  # the wheel's declared requirements (with their bounds) are all met
 
 mkdir "$work/run" && cd "$work/run"
 export PATH="$work/env/bin:$PATH"

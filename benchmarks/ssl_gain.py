@@ -79,9 +79,9 @@ def fold_of(labeled: int) -> int:
 
 def prepare_task(workdir: Path, task: str, settings: dict, log_file: Path) -> str:
     """Generate, plan and preprocess the task's dataset and write its splits, once; return the dataset name."""
-    from nnunetv2_caml.demo import _run
-    from nnunetv2_caml.small_configuration import add_small_configuration
-    from nnunetv2_caml.synthetic import dataset_name, generate_dataset
+    from nnunetv2_caml.demo.run import _run
+    from nnunetv2_caml.demo.small_configuration import add_small_configuration
+    from nnunetv2_caml.demo.synthetic import dataset_name, generate_dataset
 
     dataset_id = DATASET_IDS[task]
     name = dataset_name(dataset_id, task)
@@ -213,7 +213,7 @@ def run_all(runs: List[dict], workdir: Path, parallel: int) -> None:
 def unseen_protocol_cases(workdir: Path, task: str, labeled: int) -> set:
     """Test cases whose acquisition protocol (recorded by the generator in dataset.json) none of the first
     ``labeled`` training cases has."""
-    from nnunetv2_caml.synthetic import dataset_name
+    from nnunetv2_caml.demo.synthetic import dataset_name
 
     dataset_json = json.loads((workdir / "nnUNet_raw" / dataset_name(DATASET_IDS[task], task) / "dataset.json")
                               .read_text())

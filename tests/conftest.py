@@ -44,7 +44,7 @@ def caml_dataset(tmp_path_factory):
 
     4 labeled, 4 unlabeled and 2 test cases of 32x40x40 voxels from the package's generator.
     """
-    from nnunetv2_caml.synthetic import generate_dataset
+    from nnunetv2_caml.demo.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("caml")
     env = nnunet_env(root)
@@ -54,7 +54,7 @@ def caml_dataset(tmp_path_factory):
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1",
              "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"})
     run_cli(["nnUNetv2_caml_preprocess_unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1"], env)
-    code = ("from nnunetv2_caml.small_configuration import add_small_configuration as a; "
+    code = ("from nnunetv2_caml.demo.small_configuration import add_small_configuration as a; "
             f"a({DATASET_ID}, '{CONFIGURATION}', features_per_stage=(8, 16, 32, 64), patch_size=(32, 40, 40))")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     return {"root": root, "env": env, "raw": dataset_folder, "dataset_id": DATASET_ID,

@@ -1,4 +1,4 @@
-"""Tests for the synthetic semi-supervised dataset generator (nnunetv2_caml.synthetic)."""
+"""Tests for the synthetic semi-supervised dataset generator (nnunetv2_caml.demo.synthetic)."""
 import json
 import os
 import shutil
@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
-from nnunetv2_caml.synthetic import dataset_name, generate_dataset, make_case
+from nnunetv2_caml.demo.synthetic import dataset_name, generate_dataset, make_case
 
 SMALL = dict(num_labeled=3, num_unlabeled=2, num_test=2, shape=(32, 40, 40), spacing=(1.5, 1.0, 1.0))
 

@@ -616,7 +616,7 @@ def generate_dataset(raw_root: str, dataset_id: int, task: str = "atrium", num_l
         generate_dataset_json(
             tmp, channel_names={0: spec.modality}, labels={"background": 0, spec.structure: 1},
             num_training_cases=num_labeled, file_ending=".nii.gz", dataset_name=name,
-            description=spec.description, license="CC0 (synthetic)", converted_by="nnunetv2_caml.synthetic",
+            description=spec.description, license="CC0 (synthetic)", converted_by="nnunetv2_caml.demo.synthetic",
             numUnlabeled=num_unlabeled, numTest=num_test, unlabeled_images_folder="imagesTrUnlabeled",
             synthetic={"task": task, "seed": int(seed), "shape": [int(v) for v in shape],
                        "spacing": [float(v) for v in spacing], "protocols": protocols},

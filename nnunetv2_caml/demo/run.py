@@ -22,7 +22,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from nnunetv2_caml.nnunet_trainers import trainers_folder
-from nnunetv2_caml.synthetic import dataset_name, generate_dataset
+from nnunetv2_caml.demo.synthetic import dataset_name, generate_dataset
 
 DEMO_DATASET_IDS = {"atrium": 501, "vessel": 502}
 DEMO_TRAINER = "nnUNetTrainerCAML_demo"
@@ -105,7 +105,7 @@ def run_demo(workdir: str, task: str = "atrium", device: str = "auto", overwrite
              num_labeled: int = 4, num_unlabeled: int = 16, num_test: int = 6, baseline: bool = True) -> dict:
     """Run the demo in ``workdir``; returns ``{"dice": {case: dice}, "mean_dice": float, "baseline_dice": ...,
     "baseline_mean_dice": ..., ...}`` (the baseline's entries are None with ``baseline=False``)."""
-    from nnunetv2_caml.small_configuration import add_small_configuration
+    from nnunetv2_caml.demo.small_configuration import add_small_configuration
 
     workdir = Path(workdir).resolve()
     if task not in DEMO_DATASET_IDS:
