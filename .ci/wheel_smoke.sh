@@ -12,6 +12,8 @@ trap 'rm -rf "$work"' EXIT
 rm -rf "$repo/build"  # setuptools would pack stale modules left there by an earlier build
 python -m pip wheel --quiet --no-deps -w "$work/dist" "$repo"
 python -m venv "$work/env"
+# the new environment's own old setuptools would shadow the shared one that torch requires
+"$work/env/bin/python" -m pip uninstall --quiet --yes setuptools
 env_site=$("$work/env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$env_site/ci_shared_dependencies.pth"
 nnunet_version=$(python -c 'import importlib.metadata as m; print(m.version("nnunetv2"))')
