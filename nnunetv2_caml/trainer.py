@@ -212,7 +212,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             if isinstance(batch["target"], list) else batch["target"].to(self.device, non_blocking=True)
         lambda_c, lambda_o = self.rampup_weights()
         # what a non-finite step must not change besides the weights: norm buffers and the memory bank's rows
-        buffers = [b.clone() for m in (self.network, self.auxiliary_network, self.occ) for b in m.buffers()]
+        buffers = [b.clone() for b in self._buffers()]
         bank = self.occ.memory_bank.snapshot(batch["keys"]) if self.use_occ else None
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -255,10 +255,13 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             self.optimizer.step()
         return {**step, "caml_nonfinite_step": False}
 
+    def _buffers(self) -> List[torch.Tensor]:
+        """The buffers a forward pass may write (norm statistics) of both networks and the OCC heads, in one order."""
+        return [b for m in (self.network, self.auxiliary_network, self.occ) for b in m.buffers()]
+
     def _skip_nonfinite_step(self, step: dict, buffers: List[torch.Tensor], bank) -> dict:
         """No optimizer step; undo the forward pass's writes (norm buffers, memory bank); stop after too many."""
-        for saved, current in zip(buffers, (b for m in (self.network, self.auxiliary_network, self.occ)
-                                            for b in m.buffers())):
+        for saved, current in zip(buffers, self._buffers()):
             current.copy_(saved)
         if bank is not None:
             self.occ.memory_bank.restore(bank)
