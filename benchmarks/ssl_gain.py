@@ -23,7 +23,8 @@ test-time augmentation) segments the test images, which no arm ever trains on, a
 
 Each (task, arm, seed) runs in its own process and writes ``result.json`` when done. A rerun keeps finished arms
 and resumes unfinished ones from their latest checkpoint, so a long benchmark survives interruptions. With CUDA the
-arms run side by side on the GPU (``--parallel``, default: all at once). The table (``ssl_gain.md``, also printed),
+arms run side by side on the GPU (``--parallel``, default: all at once); on the CPU ``--parallel N`` runs N at a time
+with the cores split between them (default: one run on every core). The table (``ssl_gain.md``, also printed),
 the raw numbers (``ssl_gain.json``) and a plot (``ssl_gain.png``) land in the work folder.
 """
 import argparse
@@ -128,7 +129,7 @@ def train_and_score(run: dict) -> dict:
 
     device = torch.device(run["device"])
     if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(run.get("threads") or max(1, os.cpu_count() or 1))
     random.seed(run["seed"])
     np.random.seed(run["seed"])
     torch.manual_seed(run["seed"])
@@ -239,7 +240,8 @@ def finished_results(workdir: Path, tasks: List[str], arms: List[str]) -> tuple:
 
 def summarise(results: List[dict], arms: List[str], unseen: Dict[str, set] = None) -> Dict[str, Dict[str, dict]]:
     """Per task and arm: mean over seeds of the mean test Dice, its spread, the worst seed and the worst case, and
-    the fraction of the labeled-only to all-labeled gap the arm closes (also per seed). ``unseen`` (task -> test case
+    the fraction of the labeled-only to all-labeled gap the arm closes: its mean gain over labeled_only on the seeds
+    both share (also per seed), over the mean gap on the seeds that have labeled_only and all_labeled. ``unseen`` (task -> test case
     ids whose acquisition protocol no labeled case has) adds the mean Dice on those cases and on the others."""
     table: Dict[str, Dict[str, dict]] = {}
     for task in sorted({r["task"] for r in results}):
@@ -259,12 +261,14 @@ def summarise(results: List[dict], arms: List[str], unseen: Dict[str, set] = Non
                 for key, subset in (("seen_protocols", cases - unseen[task]),
                                     ("unseen_protocols", cases & unseen[task])):
                     row[key] = float(np.mean([np.mean([r["dice"][c] for c in subset]) for r in runs.values()]))
-            common = sorted(set(runs) & set(low) & set(high))
-            if common:
-                gap = np.mean([high[s]["mean_dice"] - low[s]["mean_dice"] for s in common])
-                gain = np.mean([runs[s]["mean_dice"] - low[s]["mean_dice"] for s in common])
-                row["gap_closed"] = float(gain / gap) if gap > 0 else float("nan")
-                row["gain_per_seed"] = [float(runs[s]["mean_dice"] - low[s]["mean_dice"]) for s in common]
+            # gains on every seed the arm shares with labeled_only; the gap on the seeds that have both ends
+            paired = sorted(set(runs) & set(low))
+            ends = sorted(set(low) & set(high))
+            if paired and ends:
+                gap = np.mean([high[s]["mean_dice"] - low[s]["mean_dice"] for s in ends])
+                gains = [float(runs[s]["mean_dice"] - low[s]["mean_dice"]) for s in paired]
+                row["gap_closed"] = float(np.mean(gains) / gap) if gap > 0 else float("nan")
+                row["gain_per_seed"] = gains
             table[task][arm] = row
     return table
 
@@ -416,6 +420,7 @@ def main(argv=None) -> None:
                 runs.append({"task": task, "arm": arm, "seed": seed, "trainer": trainer, "labeled": labeled,
                              "fold": fold_of(labeled), "dataset": name, "steps": args.steps,
                              "iterations_per_epoch": args.iterations_per_epoch, "device": device,
+                             "threads": max(1, (os.cpu_count() or 1) // parallel),  # CPU: cores shared by runs
                              "folder": str(workdir / "runs" / task / arm / f"seed_{seed}"),
                              "test_images": str(raw / "imagesTs"), "test_labels": str(raw / "labelsTs")})
     run_all(runs, workdir, parallel)
@@ -430,8 +435,8 @@ def main(argv=None) -> None:
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`. {args.labeled} labeled + {args.unlabeled} "
               f"unlabeled training cases, {args.test} test cases of {'x'.join(map(str, args.shape))} voxels, "
               f"patch {'x'.join(map(str, args.patch))}, features {args.features}, batch {args.batch_size}, "
-              f"{args.steps} optimiser steps per arm, no test-time augmentation. Gap closed = (arm - labeled_only) "
-              f"/ (all_labeled - labeled_only), from the seed means. Every finished run in the work folder is "
+              f"{args.steps} optimiser steps per arm, no test-time augmentation. Gap closed = mean over seeds of (arm - "
+              f"labeled_only), seeds paired, / mean (all_labeled - labeled_only) on the seeds that have both. Every finished run in the work folder is "
               f"tabulated.")
     text = format_table(table, header)
     print("\n" + text)

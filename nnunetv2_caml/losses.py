@@ -2,7 +2,8 @@
 
 Names follow the paper (Gao et al., MICCAI 2023):
 
-* :func:`sharpen` and :func:`mutual_consistency_loss` -- the mutual consistency loss ``L_c``;
+* :func:`sharpen` and :func:`mutual_consistency_loss` -- the mutual consistency loss ``L_c`` (the paper's MSE, or a
+  cross-entropy form);
 * :func:`omni_correlation_matrix` and :func:`omni_correlation_consistency_loss` -- the
   Omni-Correlation Consistency loss ``L_o``;
 * :func:`sigmoid_rampup` -- the ramp-up of ``lambda_c`` and ``lambda_o``.
@@ -26,16 +27,28 @@ def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def mutual_consistency_loss(probs_main: torch.Tensor, probs_aux: torch.Tensor, temperature: float = 0.1,
-                            detach_targets: bool = False) -> torch.Tensor:
-    """``L_c = MSE(p_main, sharpen(p_aux)) + MSE(p_aux, sharpen(p_main))`` (means over all elements).
+                            detach_targets: bool = False, distance: str = "mse") -> torch.Tensor:
+    """``L_c = d(p_main, sharpen(p_aux)) + d(p_aux, sharpen(p_main))``, averaged over voxels.
 
+    ``distance="mse"`` (the paper): the mean squared error over all elements. ``distance="ce"``: the cross-entropy
+    ``-sum_c t_c log p_c`` per voxel, on the scale of nnU-Net's own CE; its gradient on the logits is ``p - t``, so
+    unlike the MSE through the softmax it does not vanish on voxels a network is confidently wrong about.
     The paper's code lets gradients flow through the sharpened targets; ``detach_targets=True`` stops them.
     """
+    if distance not in ("mse", "ce"):
+        raise ValueError(f"mutual consistency distance must be 'mse' or 'ce', got {distance!r}")
     target_for_main = sharpen(probs_aux, temperature)
     target_for_aux = sharpen(probs_main, temperature)
     if detach_targets:
         target_for_main, target_for_aux = target_for_main.detach(), target_for_aux.detach()
-    return F.mse_loss(probs_main, target_for_main) + F.mse_loss(probs_aux, target_for_aux)
+    if distance == "mse":
+        return F.mse_loss(probs_main, target_for_main) + F.mse_loss(probs_aux, target_for_aux)
+    return _soft_cross_entropy(probs_main, target_for_main) + _soft_cross_entropy(probs_aux, target_for_aux)
+
+
+def _soft_cross_entropy(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean over voxels of -sum_c target_c log probs_c`` for ``[B, C, ...]`` tensors."""
+    return -(target * torch.log(probs.clamp_min(1e-8))).sum(1).mean()
 
 
 def sigmoid_rampup(current: float, length: float) -> float:

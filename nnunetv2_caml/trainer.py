@@ -47,9 +47,9 @@ install_one_line_errors()  # nnUNetv2_train imports this module: its CAML refusa
 
 #: the trainer attributes that make up CAML's settings (logged at the start, after --c, stored in checkpoints)
 CAML_SETTINGS = ("lambda_s", "lambda_c", "lambda_o", "rampup_fraction", "sharpen_temperature",
-                 "detach_sharpened_targets", "use_cma", "cma_stage", "cma_num_heads", "use_occ", "occ_embedding_dim",
-                 "occ_temperature", "occ_top_k", "memory_per_class", "memory_entries_per_case", "unlabeled_batch_size",
-                 "max_consecutive_nonfinite_steps")
+                 "consistency_distance", "detach_sharpened_targets", "use_cma", "cma_stage", "cma_num_heads", "use_occ",
+                 "occ_embedding_dim", "occ_temperature", "occ_top_k", "memory_per_class", "memory_entries_per_case",
+                 "unlabeled_batch_size", "max_consecutive_nonfinite_steps")
 
 
 class CAMLConfigurationError(CAMLError):
@@ -70,6 +70,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.lambda_o = 0.05                    # max weight of the omni-correlation consistency loss
         self.rampup_fraction = 0.2              # ramp-up length as a fraction of all training iterations (nnU-Net)
         self.sharpen_temperature = 0.1          # T of the sharpening
+        self.consistency_distance = "mse"       # L_c's distance: "mse" (paper) or "ce" (cross-entropy, nnU-Net scale)
         self.detach_sharpened_targets = False   # the paper's code lets gradients flow through sharpened targets
         self.use_cma = True                     # Cross-sample Mutual Attention in the auxiliary encoder
         self.cma_stage = -2                     # encoder stage whose output CMA attends (-2: above the bottleneck)
@@ -105,6 +106,9 @@ class nnUNetTrainerCAML(nnUNetTrainer):
 
     # ------------------------------------------------------------------ set-up
     def initialize(self):
+        if self.consistency_distance not in ("mse", "ce"):  # a subclass's setting, checked before any work is done
+            raise CAMLConfigurationError(f"{self.__class__.__name__}.consistency_distance must be 'mse' or 'ce', got "
+                                         f"{self.consistency_distance!r}")
         # the auxiliary network and OCC must exist before nnU-Net builds the optimizer (configure_optimizers)
         num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                           self.dataset_json)
@@ -228,7 +232,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         probs_main = torch.softmax(_full_resolution(output_main).float(), 1)
         probs_aux = torch.softmax(_full_resolution(output_aux).float(), 1)
         loss_consistency = mutual_consistency_loss(probs_main, probs_aux, self.sharpen_temperature,
-                                                   self.detach_sharpened_targets)
+                                                   self.detach_sharpened_targets, self.consistency_distance)
         loss_occ = self.omni_correlation_consistency(features_main, features_aux, probs_main, probs_aux,
                                                      _full_resolution(target)[:, 0], num_labeled, batch["keys"])
         loss = self.lambda_s * (loss_sup_main + loss_sup_aux) + lambda_c * loss_consistency + lambda_o * loss_occ

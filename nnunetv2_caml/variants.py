@@ -67,6 +67,29 @@ class nnUNetTrainerCAML_lambdaS1_lambdaC10(nnUNetTrainerCAML):
         self.lambda_c = 10.0
 
 
+class nnUNetTrainerCAML_ceConsistency(nnUNetTrainerCAML):
+    """Mutual consistency as the cross-entropy of each network against the other's sharpened prediction, targets
+    detached (soft pseudo-labels; paper: MSE with gradients through the targets). On the scale of nnU-Net's own CE,
+    and its gradient does not vanish where a network is confidently wrong."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.consistency_distance = "ce"
+        self.detach_sharpened_targets = True
+
+
+class nnUNetTrainerCAML_lambdaS1_ceConsistency(nnUNetTrainerCAML):
+    """``lambda_s = 1`` and the cross-entropy mutual consistency of ``_ceConsistency``."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lambda_s = 1.0
+        self.consistency_distance = "ce"
+        self.detach_sharpened_targets = True
+
+
 # ----------------------------------------------------------------------------- ramp-up (paper: R per labeled count)
 class nnUNetTrainerCAML_rampup40(nnUNetTrainerCAML):
     """Ramp-up over 40 % of training: the paper's setting for 4 labeled LA scans (R = 40 of 100 ramp steps)."""

@@ -154,6 +154,43 @@ def test_mutual_consistency_detach_targets_stops_target_path():
     assert gm_full.abs().max() > 1e-4
 
 
+def test_mutual_consistency_cross_entropy_value_and_logit_gradient():
+    logits_main = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    logits_aux = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    lm, la = logits_main.clone().requires_grad_(True), logits_aux.clone().requires_grad_(True)
+    pm, pa = torch.softmax(lm, 1), torch.softmax(la, 1)
+    loss = mutual_consistency_loss(pm, pa, temperature=0.5, detach_targets=True, distance="ce")
+    tm = _np_sharpen(pa.detach().numpy(), 0.5)  # target of the main network
+    ta = _np_sharpen(pm.detach().numpy(), 0.5)
+    voxels = 2 * 5
+    reference = (-(tm * np.log(pm.detach().numpy())).sum() - (ta * np.log(pa.detach().numpy())).sum()) / voxels
+    assert loss.item() == pytest.approx(reference, rel=1e-9)
+    loss.backward()
+    # cross-entropy against a detached target: d/dlogits = (p - t) / voxels, however confident p is
+    torch.testing.assert_close(lm.grad, (pm.detach() - torch.from_numpy(tm)) / voxels, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(la.grad, (pa.detach() - torch.from_numpy(ta)) / voxels, rtol=1e-9, atol=1e-12)
+
+
+def test_mutual_consistency_cross_entropy_corrects_confident_errors_where_mse_does_not():
+    # the main network is confidently wrong on one voxel, the auxiliary network confidently right
+    logits_main = torch.tensor([[[8.0], [-8.0]]], dtype=torch.float64, requires_grad=True)
+    probs_aux = torch.tensor([[[0.02], [0.98]]], dtype=torch.float64)
+    grads = {}
+    for distance in ("mse", "ce"):
+        logits_main.grad = None
+        mutual_consistency_loss(torch.softmax(logits_main, 1), probs_aux, detach_targets=True,
+                                distance=distance).backward()
+        grads[distance] = logits_main.grad.abs().max().item()
+    assert grads["ce"] > 0.9
+    assert grads["mse"] < 0.01
+
+
+def test_mutual_consistency_rejects_unknown_distance():
+    p = _random_probs((1, 2, 3))
+    with pytest.raises(ValueError, match="'mse' or 'ce'"):
+        mutual_consistency_loss(p, p, distance="l1")
+
+
 # -------------------------------------------------------------------------------------------------------- ramp-up
 def test_sigmoid_rampup_values():
     assert sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5), rel=1e-12)

@@ -44,6 +44,11 @@ def test_summary_gap_closed_spread_and_worst_case():
     assert table["all_labeled"]["gap_closed"] == pytest.approx(1.0)
     assert table["caml"]["seen_protocols"] == pytest.approx((0.8 + 0.6) / 2)
     assert table["caml"]["unseen_protocols"] == pytest.approx((0.8 + 0.72) / 2)
+    # a seed without the ceiling still counts for the gain; the gap comes from the seeds that have both ends
+    results += [_result("labeled_only", 2, [0.6, 0.6]), _result("caml", 2, [0.7, 0.7])]
+    three = ssl_gain.summarise(results, ["labeled_only", "caml", "all_labeled"])["atrium"]
+    assert three["caml"]["gain_per_seed"] == pytest.approx([0.1, 0.06, 0.1])
+    assert three["caml"]["gap_closed"] == pytest.approx((0.26 / 3) / 0.2)
     text = ssl_gain.format_table({"atrium": table}, "header")
     assert ("| caml | 0.730 ± 0.099 | 0.800 0.660 | 0.660 | 0.600 | 40 % | +0.100 +0.060 | 0.700 / 0.760 |"
             in text.splitlines())

@@ -6,6 +6,7 @@ trainer search finds these classes. Nothing here changes how CAML trains.
 import torch
 
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
+from nnunetv2_caml.variants import nnUNetTrainerCAML_lambdaS1_ceConsistency
 
 
 class nnUNetTrainerCAML_killTest(nnUNetTrainerCAML):
@@ -41,3 +42,15 @@ class nnUNetTrainerCAML_nanStopTest(nnUNetTrainerCAML):
         self.num_epochs = 3
         self.num_iterations_per_epoch = 6
         self.num_val_iterations_per_epoch = 1
+
+
+class nnUNetTrainerCAML_ceTest(nnUNetTrainerCAML_lambdaS1_ceConsistency):
+    """The cross-entropy consistency variant on a 2 x 4-step schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 4
+        self.num_val_iterations_per_epoch = 1
+        self.rampup_fraction = 0.0  # consistency at full weight from the first step
