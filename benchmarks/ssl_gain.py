@@ -241,8 +241,9 @@ def finished_results(workdir: Path, tasks: List[str], arms: List[str]) -> tuple:
 def summarise(results: List[dict], arms: List[str], unseen: Dict[str, set] = None) -> Dict[str, Dict[str, dict]]:
     """Per task and arm: mean over seeds of the mean test Dice, its spread, the worst seed and the worst case, and
     the fraction of the labeled-only to all-labeled gap the arm closes: its mean gain over labeled_only on the seeds
-    both share (also per seed), over the mean gap on the seeds that have labeled_only and all_labeled. ``unseen`` (task -> test case
-    ids whose acquisition protocol no labeled case has) adds the mean Dice on those cases and on the others."""
+    both share (also per seed), over the mean gap on the seeds that have labeled_only and all_labeled. ``unseen``
+    (task -> test case ids whose acquisition protocol no labeled case has) adds the mean Dice on those cases and on the
+    others."""
     table: Dict[str, Dict[str, dict]] = {}
     for task in sorted({r["task"] for r in results}):
         by_arm = {a: {r["seed"]: r for r in results if r["task"] == task and r["arm"] == a} for a in arms}
@@ -435,9 +436,9 @@ def main(argv=None) -> None:
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`. {args.labeled} labeled + {args.unlabeled} "
               f"unlabeled training cases, {args.test} test cases of {'x'.join(map(str, args.shape))} voxels, "
               f"patch {'x'.join(map(str, args.patch))}, features {args.features}, batch {args.batch_size}, "
-              f"{args.steps} optimiser steps per arm, no test-time augmentation. Gap closed = mean over seeds of (arm - "
-              f"labeled_only), seeds paired, / mean (all_labeled - labeled_only) on the seeds that have both. Every finished run in the work folder is "
-              f"tabulated.")
+              f"{args.steps} optimiser steps per arm, no test-time augmentation. Gap closed = mean over seeds of "
+              f"(arm - labeled_only), seeds paired, / mean (all_labeled - labeled_only) on the seeds that have both. "
+              f"Every finished run in the work folder is tabulated.")
     text = format_table(table, header)
     print("\n" + text)
     (workdir / "ssl_gain.md").write_text(text + "\n")

@@ -26,6 +26,10 @@ def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(torch.log(probs.clamp_min(1e-12)) / temperature, dim=1)
 
 
+#: the distances :func:`mutual_consistency_loss` offers
+CONSISTENCY_DISTANCES = ("mse", "ce")
+
+
 def mutual_consistency_loss(probs_main: torch.Tensor, probs_aux: torch.Tensor, temperature: float = 0.1,
                             detach_targets: bool = False, distance: str = "mse") -> torch.Tensor:
     """``L_c = d(p_main, sharpen(p_aux)) + d(p_aux, sharpen(p_main))``, averaged over voxels.
@@ -35,7 +39,7 @@ def mutual_consistency_loss(probs_main: torch.Tensor, probs_aux: torch.Tensor, t
     unlike the MSE through the softmax it does not vanish on voxels a network is confidently wrong about.
     The paper's code lets gradients flow through the sharpened targets; ``detach_targets=True`` stops them.
     """
-    if distance not in ("mse", "ce"):
+    if distance not in CONSISTENCY_DISTANCES:
         raise ValueError(f"mutual consistency distance must be 'mse' or 'ce', got {distance!r}")
     target_for_main = sharpen(probs_aux, temperature)
     target_for_aux = sharpen(probs_main, temperature)

@@ -79,15 +79,13 @@ class nnUNetTrainerCAML_ceConsistency(nnUNetTrainerCAML):
         self.detach_sharpened_targets = True
 
 
-class nnUNetTrainerCAML_lambdaS1_ceConsistency(nnUNetTrainerCAML):
+class nnUNetTrainerCAML_lambdaS1_ceConsistency(nnUNetTrainerCAML_ceConsistency):
     """``lambda_s = 1`` and the cross-entropy mutual consistency of ``_ceConsistency``."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lambda_s = 1.0
-        self.consistency_distance = "ce"
-        self.detach_sharpened_targets = True
 
 
 # ----------------------------------------------------------------------------- ramp-up (paper: R per labeled count)
