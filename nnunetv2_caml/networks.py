@@ -125,6 +125,11 @@ class DecoderFeatures:
         return features
 
 
+def uncompiled(network: nn.Module) -> nn.Module:
+    """The module itself behind ``torch.compile``'s wrapper (whose ``state_dict`` keys carry a ``_orig_mod.``)."""
+    return getattr(network, "_orig_mod", network)
+
+
 def feature_channels(network: nn.Module) -> int:
     """Channels of the feature map that feeds the segmentation head."""
     return network.encoder.output_channels[0]

@@ -17,7 +17,6 @@ not finite is skipped (no optimizer step, no memory bank write) and many in a ro
 one line (:mod:`nnunetv2_caml.errors`).
 """
 import io
-import os
 from typing import List
 
 import numpy as np
@@ -38,7 +37,7 @@ from nnunetv2_caml.checkpoints import (CHECKPOINT_AUXILIARY_NETWORK, CHECKPOINT_
                                        read_checkpoint, save_atomically)
 from nnunetv2_caml.errors import CAMLError, install_one_line_errors
 from nnunetv2_caml.losses import CONSISTENCY_DISTANCES, mutual_consistency_loss, sigmoid_rampup
-from nnunetv2_caml.networks import DecoderFeatures, build_auxiliary_network, feature_channels
+from nnunetv2_caml.networks import DecoderFeatures, build_auxiliary_network, feature_channels, uncompiled
 from nnunetv2_caml.occ import OmniCorrelationConsistency
 from nnunetv2_caml.progress import CAML_LOSS_KEYS, CAML_MEMORY_KEY, CAMLLocalLogger
 from nnunetv2_caml.unlabeled import assert_unlabeled_data_ready, preprocessing_fingerprint, unlabeled_case_identifiers
@@ -120,7 +119,11 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.occ = OmniCorrelationConsistency(
             feature_channels(self.auxiliary_network), num_classes, self.occ_embedding_dim, self.occ_temperature,
             self.occ_top_k, self.memory_per_class, self.memory_entries_per_case, self.device).to(self.device)
-        super().initialize()
+        super().initialize()  # nnU-Net builds the main network here and compiles it when _do_i_compile() says so
+        if self._do_i_compile():
+            self.print_to_log_file("CAML: using torch.compile for the auxiliary network as well")
+            self.auxiliary_network = torch.compile(self.auxiliary_network)
+        # forward hooks on the last decoder stage: dynamo traces them into each network's graph (no graph break)
         self._features_main = DecoderFeatures(self.network)
         self._features_aux = DecoderFeatures(self.auxiliary_network)
         self.print_to_log_file("CAML settings: " + ", ".join(f"{k}={v}" for k, v in self.caml_settings().items()))
@@ -128,11 +131,6 @@ class nnUNetTrainerCAML(nnUNetTrainer):
     def caml_settings(self) -> dict:
         """CAML's settings in force (``unlabeled_batch_size`` resolved to the number of patches)."""
         return {**{k: getattr(self, k) for k in CAML_SETTINGS}, "unlabeled_batch_size": self._unlabeled_batch_size()}
-
-    def _do_i_compile(self):
-        # torch.compile of the main network is only used when asked for explicitly (nnUNet_compile=1): CAML reads
-        # the decoder features through a forward hook, which has not been verified under compilation.
-        return super()._do_i_compile() and os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
 
     def configure_optimizers(self):
         optimizer, lr_scheduler = super().configure_optimizers()
@@ -289,7 +287,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             return probs_main.new_zeros(())
         with torch.autocast(self.device.type, enabled=False):
             self.occ.update_memory(features_main[:num_labeled], features_aux[:num_labeled],
-                                   probs_main[:num_labeled].argmax(1), probs_aux[:num_labeled].argmax(1),
+                                   probs_main[:num_labeled].max(1).indices, probs_aux[:num_labeled].max(1).indices,
                                    target.long(), labeled_case_ids)
             return self.occ(features_main[num_labeled:], features_aux[num_labeled:], probs_main[num_labeled:],
                             probs_aux[num_labeled:])
@@ -310,7 +308,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _caml_state(self) -> dict:
-        return {CHECKPOINT_AUXILIARY_NETWORK: self.auxiliary_network.state_dict(),
+        return {CHECKPOINT_AUXILIARY_NETWORK: uncompiled(self.auxiliary_network).state_dict(),
                 CHECKPOINT_OCC_HEADS: self.occ.state_dict(),
                 CHECKPOINT_MEMORY_BANK: self.occ.memory_bank.state_dict()}
 
@@ -342,7 +340,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             return
         super().load_checkpoint(filename)
         self._resumed_without_caml_state = None
-        self.auxiliary_network.load_state_dict(checkpoint[CHECKPOINT_AUXILIARY_NETWORK])
+        uncompiled(self.auxiliary_network).load_state_dict(checkpoint[CHECKPOINT_AUXILIARY_NETWORK])
         self.occ.load_state_dict(checkpoint[CHECKPOINT_OCC_HEADS])
         self.occ.memory_bank.load_state_dict(checkpoint[CHECKPOINT_MEMORY_BANK])
         settings = self.caml_settings()
@@ -361,8 +359,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         one parameter group where CAML's has two): the main network's weights and the mirroring axes."""
         if not self.was_initialized:
             self.initialize()
-        network = self.network.module if self.is_ddp else self.network
-        network = getattr(network, "_orig_mod", network)  # torch.compile's wrapper
+        network = uncompiled(self.network.module if self.is_ddp else self.network)
         own = network.state_dict().keys()
         network.load_state_dict({k[len("module."):] if k not in own and k.startswith("module.") else k: v
                                  for k, v in checkpoint["network_weights"].items()})

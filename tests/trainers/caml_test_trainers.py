@@ -3,6 +3,8 @@
 The tests put this folder on ``nnUNet_extTrainer`` beside the repository's ``trainers/`` folder, so nnU-Net's own
 trainer search finds these classes. Nothing here changes how CAML trains.
 """
+import os
+
 import torch
 
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
@@ -54,3 +56,11 @@ class nnUNetTrainerCAML_ceTest(nnUNetTrainerCAML_lambdaS1_ceConsistency):
         self.num_iterations_per_epoch = 4
         self.num_val_iterations_per_epoch = 1
         self.rampup_fraction = 0.0  # consistency at full weight from the first step
+
+
+class nnUNetTrainerCAML_compileOnCPU(nnUNetTrainerCAML):
+    """Compiles as nnU-Net does on CUDA (``nnUNet_compile`` unset or true), on the CPU as well, where nnU-Net never
+    compiles: lets ``benchmarks/compile_check.py`` check dynamo's capture of both networks without a GPU."""
+
+    def _do_i_compile(self):
+        return os.environ.get("nnUNet_compile", "t").lower() in ("true", "1", "t")
