@@ -1,19 +1,21 @@
 """Time per training step and peak GPU memory of CAML trainers against stock ``nnUNetTrainer`` on the same plans.
 
-    python benchmarks/step_time.py -d 501 -c 3d_cpu [-f all] [-n 20] [--warmup 3] [-device cpu|cuda]
-        [-tr nnUNetTrainer nnUNetTrainerCAML nnUNetTrainerCAML_noCMA nnUNetTrainerCAML_noOCC]
+    python benchmarks/step_time.py -d 501 -c 3d_cpu [-f all] [-p nnUNetPlans] [-n 20] [--warmup 3]
+        [-device cpu|cuda] [-tr nnUNetTrainer nnUNetTrainerCAML nnUNetTrainerCAML_noCMA nnUNetTrainerCAML_noOCC]
 
 Needs a planned dataset with preprocessed unlabeled data (``nnUNetv2_caml_preprocess_unlabeled``) and
 ``nnUNet_extTrainer`` pointing at this repository's ``trainers/``. Each trainer is built the way ``nnUNetv2_train``
-builds it (same plans, same labeled batch). Data loading is excluded for every trainer alike: the labeled batches
-(and CAML's unlabeled ones) are loaded and augmented before the clock starts, then each timed step is
-``train_step(batch)`` followed by a device synchronisation. The trainers write their logs into a temporary
-``nnUNet_results``, never into yours.
+builds it (same plans, same labeled batch; on CUDA compiled unless ``nnUNet_compile=f``, as nnU-Net decides). Data
+loading is excluded for every trainer alike: the labeled batches (and CAML's unlabeled ones) are loaded and augmented
+before the clock starts, then each timed step is ``train_step(batch)`` followed by a device synchronisation. The
+trainers write their logs into a temporary ``nnUNet_results``, never into yours.
 
 Prints, per trainer: median and mean s/step, the ratio to the first trainer (stock), the ratio to the two-network
-floor (4 x the first trainer's step: two networks on a doubled batch) and the peak GPU memory of a step.
+floor (4 x the first trainer's step: two networks on a doubled batch) and the peak GPU memory of a step (the
+trainer's own: what earlier trainers in the process left allocated is not counted).
 """
 import argparse
+import gc
 import os
 import tempfile
 import time
@@ -23,10 +25,14 @@ import torch
 
 
 def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, device: torch.device, steps: int,
-                 warmup: int) -> dict:
+                 warmup: int, plans: str = "nnUNetPlans") -> dict:
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    trainer = get_trainer_from_args(dataset, configuration, fold, trainer_name, device=device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    allocated_before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    trainer = get_trainer_from_args(dataset, configuration, fold, trainer_name, plans, device=device)
     trainer.on_train_start()
     trainer.on_train_epoch_start()
     batches = [next(trainer.dataloader_train) for _ in range(warmup + steps)]
@@ -45,7 +51,7 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    peak = (torch.cuda.max_memory_allocated() - allocated_before) / 2 ** 30 if device.type == "cuda" else float("nan")
     if unlabeled is not None:
         trainer.dataloader_unlabeled = unlabeled  # so that on_train_end shuts its workers down
     trainer.on_train_end()
@@ -59,6 +65,7 @@ def main():
     parser.add_argument("-d", required=True, help="dataset name or id")
     parser.add_argument("-c", required=True, help="configuration")
     parser.add_argument("-f", default="all", help="fold (default: all)")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     parser.add_argument("-tr", nargs="+", default=["nnUNetTrainer", "nnUNetTrainerCAML", "nnUNetTrainerCAML_noCMA",
                                                    "nnUNetTrainerCAML_noOCC"],
                         help="trainers; the first is the reference (default: stock, CAML, noCMA, noOCC)")
@@ -71,9 +78,10 @@ def main():
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    rows = [time_trainer(t, args.d, args.c, fold, device, args.n, args.warmup) for t in args.tr]
+    rows = [time_trainer(t, args.d, args.c, fold, device, args.n, args.warmup, args.p) for t in args.tr]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"\ndevice {device} ({name}), torch {torch.__version__}, batch {rows[0]['batch']} (+ as many unlabeled "
+    print(f"\ndevice {device} ({name}), torch {torch.__version__}, plans {args.p} {args.c}, batch {rows[0]['batch']} "
+          f"(+ as many unlabeled "
           f"for CAML), patch {rows[0]['patch']}, {args.n} timed steps after {args.warmup} warm-up, data loading "
           f"excluded")
     print(f"{'trainer':36s} {'median s/step':>14s} {'mean s/step':>12s} {'x first':>8s} {'x 4-floor':>10s} "

@@ -27,9 +27,12 @@ def embedding_head(in_features: int, embedding_dim: int) -> nn.Sequential:
                          nn.Linear(embedding_dim, embedding_dim))
 
 
-def voxels(features: torch.Tensor) -> torch.Tensor:
-    """``[B, F, *spatial]`` -> ``[B * prod(spatial), F]`` (one row per voxel, batch-major)."""
-    return features.movedim(1, -1).reshape(-1, features.shape[1])
+def gather_voxels(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of the ``[B * prod(spatial), F]`` voxel matrix (batch-major) of ``features`` ``[B, F, *spatial]``,
+    as ``[len(index), F]``: gathered in place, without copying every voxel's features first (on real nnU-Net patches
+    that copy is hundreds of MB per network)."""
+    per_sample = features[0, 0].numel()
+    return features.flatten(2)[index // per_sample, :, index % per_sample]
 
 
 class OmniCorrelationConsistency(nn.Module):
@@ -72,12 +75,13 @@ class OmniCorrelationConsistency(nn.Module):
         self.projection_aux.eval()
         for i, case_id in enumerate(case_ids):
             correct = (pred_main[i] == target[i]) & (pred_aux[i] == target[i]) & (target[i] < self.num_classes)
-            labels = target[i][correct]
+            correct = torch.nonzero(correct.flatten(), as_tuple=True)[0]
+            labels = target[i].flatten()[correct]
             # choose what the bank will keep before projecting: eval-mode heads act per voxel, so this gives the
             # same embeddings as projecting every correct voxel first
             keep = self.memory_bank.indices_to_store(labels)
-            f_main = features_main[i].movedim(0, -1)[correct][keep].float()
-            f_aux = features_aux[i].movedim(0, -1)[correct][keep].float()
+            f_main = gather_voxels(features_main[i:i + 1], correct[keep]).float()
+            f_aux = gather_voxels(features_aux[i:i + 1], correct[keep]).float()
             embeddings = (self.projection_main(f_main) + self.projection_aux(f_aux)) / 2
             self.memory_bank.update(case_id, embeddings, labels[keep])
         self.train(heads_were_training)
@@ -101,7 +105,7 @@ class OmniCorrelationConsistency(nn.Module):
         corr = []
         for features, projection, prediction in ((features_main, self.projection_main, self.prediction_main),
                                                  (features_aux, self.projection_aux, self.prediction_aux)):
-            embeddings = prediction(projection(voxels(features)[selected].float()))
+            embeddings = prediction(projection(gather_voxels(features, selected).float()))
             corr.append(omni_correlation_matrix(embeddings, confidence, pseudo_label, memory, self.temperature,
                                                 self.top_k))
         corr_main, corr_aux = corr

@@ -1,0 +1,21 @@
+"""``benchmarks/step_time.py`` runs on real plans and prints one row per trainer with its ratios."""
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_step_time_prints_each_trainer_against_stock(caml_dataset):
+    d = caml_dataset
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_time.py"), "-d", str(d["dataset_id"]),
+                             "-c", d["configuration"], "-f", "all", "-p", "nnUNetPlans", "-n", "2", "--warmup", "1",
+                             "-device", "cpu", "-tr", "nnUNetTrainer", "nnUNetTrainerCAML_noCMA"],
+                            env=d["env"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
+            if line.startswith("nnUNetTrainer")}
+    assert set(rows) == {"nnUNetTrainer", "nnUNetTrainerCAML_noCMA"}
+    median, _, vs_stock, vs_floor, _ = map(float, rows["nnUNetTrainerCAML_noCMA"])
+    assert median > 0 and float(rows["nnUNetTrainer"][2]) == 1.0
+    assert abs(vs_floor - vs_stock / 4) < 0.01
+    assert "plans nnUNetPlans 3d_cpu" in result.stdout
