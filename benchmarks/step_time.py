@@ -11,8 +11,10 @@ before the clock starts, then each timed step is ``train_step(batch)`` followed 
 trainers write their logs into a temporary ``nnUNet_results``, never into yours.
 
 Prints, per trainer: median and mean s/step, the ratio to the first trainer (stock), the ratio to the two-network
-floor (4 x the first trainer's step: two networks on a doubled batch) and the peak GPU memory of a step (the
-trainer's own: what earlier trainers in the process left allocated is not counted).
+floor (4 x the first trainer's step: two networks on a doubled batch) and the peak GPU memory of a step: allocated
+by tensors (the trainer's own; what earlier trainers in the process left allocated is not counted) and reserved by
+PyTorch's caching allocator (what the card must hold, without the CUDA context). A trainer that runs out of GPU memory
+is reported as such.
 """
 import argparse
 import gc
@@ -28,10 +30,11 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
                  warmup: int, plans: str = "nnUNetPlans") -> dict:
     from nnunetv2.run.run_training import get_trainer_from_args
 
+    cuda = device.type == "cuda"
     gc.collect()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
-    allocated_before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    allocated_before = torch.cuda.memory_allocated() if cuda else 0
     trainer = get_trainer_from_args(dataset, configuration, fold, trainer_name, plans, device=device)
     trainer.on_train_start()
     trainer.on_train_epoch_start()
@@ -39,25 +42,32 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
     unlabeled = getattr(trainer, "dataloader_unlabeled", None)
     if unlabeled is not None:  # CAML draws its unlabeled batch inside train_step: load those beforehand as well
         trainer.dataloader_unlabeled = iter([next(unlabeled) for _ in range(warmup + steps)])
-    for batch in batches[:warmup]:
-        trainer.train_step(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for batch in batches[warmup:]:
-        start = time.perf_counter()
-        trainer.train_step(batch)
-        if device.type == "cuda":
+    times, out_of_memory = [], False
+    try:
+        for batch in batches[:warmup]:
+            trainer.train_step(batch)
+        if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() - allocated_before) / 2 ** 30 if device.type == "cuda" else float("nan")
+            torch.cuda.reset_peak_memory_stats()
+        for batch in batches[warmup:]:
+            start = time.perf_counter()
+            trainer.train_step(batch)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError:  # a finding for these plans, not a failure of the benchmark
+        out_of_memory = True
+    row = {"trainer": trainer_name, "median_s": float(np.median(times)) if times else float("nan"),
+           "mean_s": float(np.mean(times)) if times else float("nan"), "out_of_memory": out_of_memory,
+           "peak_gib": (torch.cuda.max_memory_allocated() - allocated_before) / 2 ** 30 if cuda else float("nan"),
+           "reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else float("nan"),
+           "batch": trainer.configuration_manager.batch_size, "patch": trainer.configuration_manager.patch_size}
     if unlabeled is not None:
         trainer.dataloader_unlabeled = unlabeled  # so that on_train_end shuts its workers down
+    if out_of_memory:
+        trainer.optimizer.zero_grad(set_to_none=True)
     trainer.on_train_end()
-    return {"trainer": trainer_name, "median_s": float(np.median(times)), "mean_s": float(np.mean(times)),
-            "peak_gib": peak, "batch": trainer.configuration_manager.batch_size,
-            "patch": trainer.configuration_manager.patch_size}
+    return row
 
 
 def main():
@@ -81,15 +91,16 @@ def main():
     rows = [time_trainer(t, args.d, args.c, fold, device, args.n, args.warmup, args.p) for t in args.tr]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"\ndevice {device} ({name}), torch {torch.__version__}, plans {args.p} {args.c}, batch {rows[0]['batch']} "
-          f"(+ as many unlabeled "
-          f"for CAML), patch {rows[0]['patch']}, {args.n} timed steps after {args.warmup} warm-up, data loading "
-          f"excluded")
+          f"(+ as many unlabeled for CAML), patch {rows[0]['patch']}, {args.n} timed steps after {args.warmup} "
+          f"warm-up, data loading excluded")
     print(f"{'trainer':36s} {'median s/step':>14s} {'mean s/step':>12s} {'x first':>8s} {'x 4-floor':>10s} "
-          f"{'peak GiB':>9s}")
+          f"{'peak GiB':>9s} {'reserved GiB':>13s}")
     for row in rows:
+        memory = (f"{'out of memory':>23s}" if row["out_of_memory"] else
+                  f"{row['peak_gib']:9.2f} {row['reserved_gib']:13.2f}")
         print(f"{row['trainer']:36s} {row['median_s']:14.3f} {row['mean_s']:12.3f} "
               f"{row['median_s'] / rows[0]['median_s']:8.2f} {row['median_s'] / (4 * rows[0]['median_s']):10.2f} "
-              f"{row['peak_gib']:9.2f}")
+              f"{memory}")
 
 
 if __name__ == "__main__":
