@@ -88,6 +88,24 @@ class nnUNetTrainerCAML_lambdaS1_ceConsistency(nnUNetTrainerCAML_ceConsistency):
         self.lambda_s = 1.0
 
 
+class nnUNetTrainerCAML_lambdaS1_ceConsistency_noCMA(nnUNetTrainerCAML_lambdaS1_ceConsistency):
+    """``_lambdaS1_ceConsistency`` without Cross-sample Mutual Attention (its ablation)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_cma = False
+
+
+class nnUNetTrainerCAML_lambdaS1_ceConsistency_noOCC(nnUNetTrainerCAML_lambdaS1_ceConsistency):
+    """``_lambdaS1_ceConsistency`` without Omni-Correlation Consistency (its ablation)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_occ = False
+
+
 # ----------------------------------------------------------------------------- ramp-up (paper: R per labeled count)
 class nnUNetTrainerCAML_rampup40(nnUNetTrainerCAML):
     """Ramp-up over 40 % of training: the paper's setting for 4 labeled LA scans (R = 40 of 100 ramp steps)."""
