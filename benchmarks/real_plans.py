@@ -5,8 +5,9 @@
 * ``atrium``: 88x144x144 voxels at 0.625 mm (the cropped LA 2018 scans the semi-supervised papers use), id 721;
 * ``vessel``: 200x512x512 voxels at 0.5x0.4x0.4 mm (CT like ImageCAS or Parse 2022), id 722.
 
-Images come from the package's synthetic generator (4 labeled and 2 unlabeled scans: the plans depend on the image
-size and spacing, not on the number of cases). ``nnUNetv2_plan_and_preprocess`` plans and preprocesses 3d_fullres
+Images come from the package's synthetic generator (4 labeled and 2 unlabeled scans). The patch depends on the image
+size and spacing, not on the number of scans; the batch is capped by nnU-Net at 5 % of the dataset's voxels, which
+with so few scans keeps it at nnU-Net's minimum of 2 even where a larger ``-gpu_memory_target`` would allow more. ``nnUNetv2_plan_and_preprocess`` plans and preprocesses 3d_fullres
 with nnU-Net's default plans (``nnUNetPlans``, planned for nnU-Net's default GPU memory target) and, for each
 ``--gpu_memory_target T``, plans ``nnUNetPlans_T_GB`` made with nnU-Net's own ``-gpu_memory_target T``;
 ``nnUNetv2_caml_preprocess_unlabeled`` preprocesses the unlabeled scans for each. Prints the environment to use and,
