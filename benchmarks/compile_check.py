@@ -119,7 +119,7 @@ def main() -> int:
     print(f"{args.n} compiled steps: graphs after each step {graphs}; graph breaks {sum(breaks.values())}")
     if breaks:
         failures.append("graph breaks: " + "; ".join(f"{k} ({v}x)" for k, v in breaks.items()))
-    if graphs and len(graphs) > args.warmup and graphs[-1] != graphs[args.warmup - 1]:
+    if len(graphs) > args.warmup and graphs[-1] != graphs[args.warmup - 1]:
         failures.append(f"recompilation: {graphs[args.warmup - 1]} graphs after step {args.warmup}, "
                         f"{graphs[-1]} after step {args.n}")
     # 4. what the compiled trainer saves loads into the eager one (nnUNetv2_predict, --c without compilation)

@@ -28,6 +28,7 @@ def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
 #: the distances :func:`mutual_consistency_loss` offers
 CONSISTENCY_DISTANCES = ("mse", "ce")
+CONSISTENCY_DISTANCES_TEXT = " or ".join(map(repr, CONSISTENCY_DISTANCES))  # "'mse' or 'ce'", for messages
 
 
 def mutual_consistency_loss(probs_main: torch.Tensor, probs_aux: torch.Tensor, temperature: float = 0.1,
@@ -40,7 +41,7 @@ def mutual_consistency_loss(probs_main: torch.Tensor, probs_aux: torch.Tensor, t
     The paper's code lets gradients flow through the sharpened targets; ``detach_targets=True`` stops them.
     """
     if distance not in CONSISTENCY_DISTANCES:
-        raise ValueError(f"mutual consistency distance must be 'mse' or 'ce', got {distance!r}")
+        raise ValueError(f"mutual consistency distance must be {CONSISTENCY_DISTANCES_TEXT}, got {distance!r}")
     target_for_main = sharpen(probs_aux, temperature)
     target_for_aux = sharpen(probs_main, temperature)
     if detach_targets:

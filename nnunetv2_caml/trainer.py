@@ -36,7 +36,8 @@ from nnunetv2_caml.checkpoints import (CHECKPOINT_AUXILIARY_NETWORK, CHECKPOINT_
                                        CHECKPOINT_SETTINGS, CAMLCheckpointError, caml_state_digest, has_caml_state,
                                        read_checkpoint, save_atomically)
 from nnunetv2_caml.errors import CAMLError, install_one_line_errors
-from nnunetv2_caml.losses import CONSISTENCY_DISTANCES, mutual_consistency_loss, sigmoid_rampup
+from nnunetv2_caml.losses import (CONSISTENCY_DISTANCES, CONSISTENCY_DISTANCES_TEXT, mutual_consistency_loss,
+                                  sigmoid_rampup)
 from nnunetv2_caml.networks import DecoderFeatures, build_auxiliary_network, feature_channels, uncompiled
 from nnunetv2_caml.occ import OmniCorrelationConsistency
 from nnunetv2_caml.progress import CAML_LOSS_KEYS, CAML_MEMORY_KEY, CAMLLocalLogger
@@ -107,8 +108,8 @@ class nnUNetTrainerCAML(nnUNetTrainer):
     def initialize(self):
         # a subclass's setting, checked before any work is done
         if self.consistency_distance not in CONSISTENCY_DISTANCES:
-            raise CAMLConfigurationError(f"{self.__class__.__name__}.consistency_distance must be 'mse' or 'ce', got "
-                                         f"{self.consistency_distance!r}")
+            raise CAMLConfigurationError(f"{self.__class__.__name__}.consistency_distance must be "
+                                         f"{CONSISTENCY_DISTANCES_TEXT}, got {self.consistency_distance!r}")
         # the auxiliary network and OCC must exist before nnU-Net builds the optimizer (configure_optimizers)
         num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                           self.dataset_json)

@@ -8,6 +8,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+#: nnUNet_extTrainer with the test-only trainers of tests/trainers beside the repository's trainers/
+EXT_TRAINERS_WITH_TESTS = os.pathsep.join((str(REPO / "trainers"), str(REPO / "tests" / "trainers")))
 DATASET_ID = 987
 CONFIGURATION = "3d_cpu"
 

@@ -5,18 +5,17 @@ backend: it checks what does not depend on the kernels (both networks compiled b
 the decoder-feature hooks inside, no graph break, no recompilation over 20 steps, eager and compiled losses equal,
 checkpoints without the compile prefix). Inductor's kernels and AMP are checked by the CUDA test.
 """
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import EXT_TRAINERS_WITH_TESTS, REPO
 
 
 def compile_check(d, trainer, device, *extra):
-    env = {**d["env"], "nnUNet_extTrainer": os.pathsep.join((str(REPO / "trainers"), str(REPO / "tests" / "trainers")))}
+    env = {**d["env"], "nnUNet_extTrainer": EXT_TRAINERS_WITH_TESTS}
     env.pop("nnUNet_compile")  # nnU-Net's default decides
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compile_check.py"), "-d", str(d["dataset_id"]),
                              "-c", d["configuration"], "-f", "all", "-tr", trainer, "-device", device, "-n", "20",

@@ -1,15 +1,14 @@
 """The cross-entropy form of the mutual consistency loss, trained through ``nnUNetv2_train`` on the tiny dataset."""
-import os
 
 import numpy as np
 import torch
 
-from conftest import REPO, run_cli
+from conftest import EXT_TRAINERS_WITH_TESTS, run_cli
 
 
 def test_cross_entropy_consistency_trains_and_is_recorded(caml_dataset):
     d = caml_dataset
-    env = {**d["env"], "nnUNet_extTrainer": os.pathsep.join((str(REPO / "trainers"), str(REPO / "tests" / "trainers")))}
+    env = {**d["env"], "nnUNet_extTrainer": EXT_TRAINERS_WITH_TESTS}
     trainer = "nnUNetTrainerCAML_ceTest"
     result = run_cli(["nnUNetv2_train", d["dataset_id"], d["configuration"], "all", "-tr", trainer, "-device", "cpu"],
                      env)

@@ -4,7 +4,6 @@ non-finite steps, each through ``nnUNetv2_train`` in a subprocess on the tiny da
 The test trainers (``tests/trainers``) are the package's CAML trainer with a test-sized schedule.
 """
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
 
-from conftest import BIN, REPO, run_cli
+from conftest import BIN, EXT_TRAINERS_WITH_TESTS, run_cli
 from nnunetv2_caml.checkpoints import CAML_STATE_KEYS, caml_state_digest, temporary_name
 
 KILL_TRAINER = "nnUNetTrainerCAML_killTest"
@@ -29,7 +28,7 @@ CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint
 def env(caml_dataset):
     """The dataset's environment with the test trainers findable and unbuffered output (kills lose nothing)."""
     return {**caml_dataset["env"], "PYTHONUNBUFFERED": "1",
-            "nnUNet_extTrainer": os.pathsep.join((str(REPO / "trainers"), str(REPO / "tests" / "trainers")))}
+            "nnUNet_extTrainer": EXT_TRAINERS_WITH_TESTS}
 
 
 def _output(d, trainer, configuration=None):
