@@ -55,7 +55,7 @@ DEFAULT_ARMS = {
 }
 #: settings that must not change inside one work folder (results would not be comparable)
 FIXED_SETTINGS = ("labeled", "unlabeled", "test", "shape", "patch", "features", "batch_size", "steps",
-                  "iterations_per_epoch", "data_seed")
+                  "iterations_per_epoch", "data_seed", "protocols")
 
 
 class BenchmarkError(RuntimeError):
@@ -93,7 +93,7 @@ def prepare_task(workdir: Path, task: str, settings: dict, log_file: Path) -> st
         print(f"[ssl-gain] {task}: generating {total} training and {settings['test']} test volumes", flush=True)
         raw = Path(generate_dataset(env["nnUNet_raw"], dataset_id, task, num_labeled=total, num_unlabeled=0,
                                     num_test=settings["test"], shape=settings["shape"], seed=settings["data_seed"],
-                                    overwrite=True))
+                                    overwrite=True, protocols=settings["protocols"]))
         # the unlabeled pool: images of every training case but the first --labeled, under ids of their own
         unlabeled = raw / "imagesTrUnlabeled"
         unlabeled.mkdir(exist_ok=True)
@@ -382,6 +382,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=2000, help="optimiser steps of every arm")
     parser.add_argument("--iterations-per-epoch", type=int, default=50)
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--protocols", nargs="+", default=None, metavar="NAME",
+                        help="acquisition protocols the synthetic cases draw from (default: all of the task's; "
+                             "e.g. arterial-CT for the vessel task, bright-blood for the atrium task)")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--parallel", type=int, default=None,
                         help="runs at a time (default: 1 on the CPU, every arm of a seed at once on CUDA)")
@@ -401,13 +404,20 @@ def main(argv=None) -> None:
     os.environ.update({k: v for k, v in _nnunet_env(workdir).items() if k.startswith("nnUNet_")})
     settings = {"labeled": args.labeled, "unlabeled": args.unlabeled, "test": args.test, "shape": args.shape,
                 "patch": args.patch, "features": args.features, "batch_size": args.batch_size, "steps": args.steps,
-                "iterations_per_epoch": args.iterations_per_epoch, "data_seed": args.data_seed}
+                "iterations_per_epoch": args.iterations_per_epoch, "data_seed": args.data_seed,
+                "protocols": args.protocols}
     if args.steps % args.iterations_per_epoch:
         raise BenchmarkError(f"--steps {args.steps} must be a multiple of --iterations-per-epoch "
                              f"{args.iterations_per_epoch}")
     if any(not 1 <= n <= args.labeled + args.unlabeled for n in args.calibrate):
         raise BenchmarkError(f"--calibrate counts must lie in 1..{args.labeled + args.unlabeled}")
     arms = parse_arms(args.arms, args.arm, args.calibrate, settings)
+    from nnunetv2_caml.demo.synthetic import TASKS
+    for task in args.tasks:
+        try:
+            TASKS[task].protocol_table(args.protocols)
+        except ValueError as e:
+            raise BenchmarkError(f"--protocols: {e}") from None
     _check_settings(workdir, settings, args.overwrite)
     parallel = args.parallel or (len(arms) if device == "cuda" else 1)
     log_file = workdir / "ssl_gain.log"
@@ -434,7 +444,8 @@ def main(argv=None) -> None:
                                             for task in args.tasks})
     header = (f"Device: {device_description(device)}. Command: `python benchmarks/ssl_gain.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`. {args.labeled} labeled + {args.unlabeled} "
-              f"unlabeled training cases, {args.test} test cases of {'x'.join(map(str, args.shape))} voxels, "
+              f"unlabeled training cases, {args.test} test cases of {'x'.join(map(str, args.shape))} voxels "
+              f"({'protocols ' + ', '.join(args.protocols) if args.protocols else 'every acquisition protocol'}), "
               f"patch {'x'.join(map(str, args.patch))}, features {args.features}, batch {args.batch_size}, "
               f"{args.steps} optimiser steps per arm, no test-time augmentation. Gap closed = mean over seeds of "
               f"(arm - labeled_only), seeds paired, / mean (all_labeled - labeled_only) on the seeds that have both. "

@@ -177,7 +177,23 @@ def test_invalid_arguments(tmp_path):
         generate_dataset(str(tmp_path), 1, task="liver")
     with pytest.raises(ValueError):
         generate_dataset(str(tmp_path), 1, num_labeled=0)
+    with pytest.raises(ValueError, match="unknown vessel protocol.*PET.*choose from arterial-CT, venous-CT"):
+        generate_dataset(str(tmp_path), 1, task="vessel", protocols=["arterial-CT", "PET"])
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("task, protocol", [("atrium", "bright-blood"), ("vessel", "arterial-CT")])
+def test_protocol_subset(task, protocol, tmp_path):
+    """``protocols`` restricts every group to the named protocols; without it, all protocols occur (and the cases are
+    those of the default generator)."""
+    folder = generate_dataset(str(tmp_path), 7, task, 4, 4, 4, shape=(24, 32, 32), seed=1, protocols=[protocol])
+    drawn = json.loads(open(os.path.join(folder, "dataset.json")).read())["synthetic"]["protocols"]
+    assert len(drawn) == 12 and set(drawn.values()) == {protocol}
+    image, _ = _read(os.path.join(folder, "imagesTs", "ts_001_0000.nii.gz"))
+    np.testing.assert_array_equal(image, make_case(task, "test", 1, 1, (24, 32, 32), protocols=[protocol])[0])
+    everything = generate_dataset(str(tmp_path / "all"), 7, task, 4, 4, 4, shape=(24, 32, 32), seed=1)
+    assert len(set(json.loads(open(os.path.join(everything, "dataset.json")).read())["synthetic"]["protocols"]
+                   .values())) > 1
 
 
 def _nnunet_command(name):

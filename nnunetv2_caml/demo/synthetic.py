@@ -225,7 +225,8 @@ def _blur(image: np.ndarray, grid: _Grid, blur_mm: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # tasks
 # ------------------------------------------------------------------------------------------------
-def _atrium_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.ndarray]:
+def _atrium_case(rng: np.random.Generator, grid: _Grid,
+                 protocols: Sequence[dict] = None) -> Tuple[np.ndarray, np.ndarray, str]:
     s = grid.scale
     ext = grid.extent
     shape = grid.shape
@@ -279,7 +280,8 @@ def _atrium_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
             break
 
     # --- intensities: one acquisition protocol per case
-    protocol = _ATRIUM_PROTOCOLS[int(rng.integers(len(_ATRIUM_PROTOCOLS)))]
+    protocols = protocols or _ATRIUM_PROTOCOLS
+    protocol = protocols[int(rng.integers(len(protocols)))]
     tissue = rng.uniform(120.0, 260.0)
     blood = tissue * rng.uniform(*protocol["blood"])
     wall = tissue * rng.uniform(*protocol["wall"])
@@ -418,7 +420,8 @@ def _sheet_sdf(rng: np.random.Generator, grid: _Grid, thickness: float, cap_radi
     return np.maximum(shell, cap)
 
 
-def _vessel_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.ndarray]:
+def _vessel_case(rng: np.random.Generator, grid: _Grid,
+                 protocols: Sequence[dict] = None) -> Tuple[np.ndarray, np.ndarray, str]:
     s = grid.scale
     shape = grid.shape
     n_vox = float(np.prod(shape))
@@ -457,7 +460,8 @@ def _vessel_case(rng: np.random.Generator, grid: _Grid) -> Tuple[np.ndarray, np.
             break
 
     # intensities: one acquisition protocol per case
-    protocol = _VESSEL_PROTOCOLS[int(rng.integers(len(_VESSEL_PROTOCOLS)))]
+    protocols = protocols or _VESSEL_PROTOCOLS
+    protocol = protocols[int(rng.integers(len(protocols)))]
     tissue = rng.uniform(*protocol["tissue"])
     vessel = rng.uniform(*protocol["vessel"])
     image = tissue + protocol["texture"] * _smooth_noise(rng, shape, 5.0)
@@ -502,16 +506,28 @@ _VESSEL_PROTOCOLS = (
 
 class _Task:
     def __init__(self, name: str, modality: str, structure: str, code: int,
-                 make: Callable[[np.random.Generator, _Grid], Tuple[np.ndarray, np.ndarray, str]], description: str):
+                 make: Callable[..., Tuple[np.ndarray, np.ndarray, str]], protocols: Sequence[dict],
+                 description: str):
         self.name, self.modality, self.structure, self.code = name, modality, structure, code
-        self.make, self.description = make, description
+        self.make, self.protocols, self.description = make, protocols, description
+
+    def protocol_table(self, names: Sequence[str] = None) -> Sequence[dict]:
+        """The acquisition protocols named (all of them for ``None``), in the task's order."""
+        if not names:
+            return self.protocols
+        known = [p["name"] for p in self.protocols]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown {self.name.lower()} protocol(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(known)}")
+        return [p for p in self.protocols if p["name"] in names]
 
 
 TASKS: Dict[str, _Task] = {
-    "atrium": _Task("Atrium", "MRI", "left_atrium", 11, _atrium_case,
+    "atrium": _Task("Atrium", "MRI", "left_atrium", 11, _atrium_case, _ATRIUM_PROTOCOLS,
                     "Synthetic bright-blood MRI toy: label = irregular atrium blob with pulmonary-vein stubs; "
                     "unlabeled look-alikes = trabeculated ventricle blob with a dark wall and an aorta-like tube."),
-    "vessel": _Task("Vessel", "CT", "vessel", 12, _vessel_case,
+    "vessel": _Task("Vessel", "CT", "vessel", 12, _vessel_case, _VESSEL_PROTOCOLS,
                     "Synthetic contrast CT toy: label = branching tapering vessel tree; unlabeled look-alikes = "
                     "thick constant-calibre tube, thin straight unbranched tubes, curved bone-like plate, "
                     "sometimes a ring."),
@@ -530,14 +546,16 @@ def _task(task: str) -> _Task:
 
 
 def make_case(task: str, group: str, index: int, seed: int = 0, shape=(48, 64, 64),
-              spacing=(1.0, 1.0, 1.0)) -> Tuple[np.ndarray, np.ndarray]:
+              spacing=(1.0, 1.0, 1.0), protocols: Sequence[str] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Image (float32) and label (uint8 0/1) of case ``index`` of ``group`` ("labeled", "unlabeled",
-    "test"). Deterministic in (task, group, index, seed, shape, spacing)."""
-    image, label, _ = _make_case(task, group, index, seed, shape, spacing)
+    "test"). Deterministic in (task, group, index, seed, shape, spacing, protocols); ``protocols`` (names) restricts
+    the acquisition protocols the case draws from (default: all of the task's)."""
+    image, label, _ = _make_case(task, group, index, seed, shape, spacing, protocols)
     return image, label
 
 
-def _make_case(task: str, group: str, index: int, seed: int, shape, spacing) -> Tuple[np.ndarray, np.ndarray, str]:
+def _make_case(task: str, group: str, index: int, seed: int, shape, spacing,
+               protocols: Sequence[str] = None) -> Tuple[np.ndarray, np.ndarray, str]:
     """:func:`make_case` plus the name of the case's acquisition protocol."""
     spec = _task(task)
     if group not in GROUPS:
@@ -545,7 +563,7 @@ def _make_case(task: str, group: str, index: int, seed: int, shape, spacing) -> 
     if len(shape) != 3 or len(spacing) != 3:
         raise ValueError("shape and spacing must have three entries (z, y, x)")
     rng = np.random.default_rng([int(seed), spec.code, GROUPS[group][1], int(index)])
-    return spec.make(rng, _Grid(shape, spacing))
+    return spec.make(rng, _Grid(shape, spacing), spec.protocol_table(protocols))
 
 
 def _write(array: np.ndarray, path: str, spacing: Sequence[float]) -> None:
@@ -556,7 +574,7 @@ def _write(array: np.ndarray, path: str, spacing: Sequence[float]) -> None:
 
 def generate_dataset(raw_root: str, dataset_id: int, task: str = "atrium", num_labeled: int = 4,
                      num_unlabeled: int = 16, num_test: int = 6, shape=(48, 64, 64), spacing=(1.0, 1.0, 1.0),
-                     seed: int = 0, overwrite: bool = False) -> str:
+                     seed: int = 0, overwrite: bool = False, protocols: Sequence[str] = None) -> str:
     """Write a synthetic semi-supervised dataset into ``raw_root`` and return its folder.
 
     Layout (``XXX`` = ``dataset_id`` with three digits)::
@@ -567,11 +585,13 @@ def generate_dataset(raw_root: str, dataset_id: int, task: str = "atrium", num_l
             imagesTrUnlabeled/unl_000_0000.nii.gz   (no labels anywhere)
             imagesTs/ts_000_0000.nii.gz     labelsTs/ts_000.nii.gz
 
-    ``shape`` and ``spacing`` are in numpy (z, y, x) order. An existing folder with the same id
+    ``shape`` and ``spacing`` are in numpy (z, y, x) order; ``protocols`` (names) restricts the acquisition
+    protocols the cases draw from (default: all of the task's). An existing folder with the same id
     raises ``FileExistsError`` unless ``overwrite``; ``overwrite`` replaces only folders this module
     made (``DatasetXXX_CAMLSynthetic*``), never another dataset that happens to share the id.
     """
     spec = _task(task)
+    spec.protocol_table(protocols)  # unknown protocol names fail before anything is written
     if not 1 <= int(dataset_id) <= 999:
         raise ValueError(f"dataset_id must be in 1..999, got {dataset_id}")
     for name, n in (("num_labeled", num_labeled), ("num_unlabeled", num_unlabeled), ("num_test", num_test)):
@@ -597,7 +617,7 @@ def generate_dataset(raw_root: str, dataset_id: int, task: str = "atrium", num_l
 
     os.makedirs(raw_root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=raw_root)
-    protocols = {}
+    case_protocols = {}
     try:
         for group, count in (("labeled", num_labeled), ("unlabeled", num_unlabeled), ("test", num_test)):
             images_dir = os.path.join(tmp, GROUPS[group][0])
@@ -607,7 +627,7 @@ def generate_dataset(raw_root: str, dataset_id: int, task: str = "atrium", num_l
                 os.makedirs(os.path.join(tmp, labels_dir))
             for i in range(count):
                 case = f"{_CASE_PREFIX[group]}_{i:03d}"
-                image, label, protocols[case] = _make_case(task, group, i, seed, shape, spacing)
+                image, label, case_protocols[case] = _make_case(task, group, i, seed, shape, spacing, protocols)
                 _write(image, os.path.join(images_dir, f"{case}_0000.nii.gz"), spacing)
                 if labels_dir:
                     _write(label, os.path.join(tmp, labels_dir, f"{case}.nii.gz"), spacing)
@@ -619,7 +639,7 @@ def generate_dataset(raw_root: str, dataset_id: int, task: str = "atrium", num_l
             description=spec.description, license="CC0 (synthetic)", converted_by="nnunetv2_caml.demo.synthetic",
             numUnlabeled=num_unlabeled, numTest=num_test, unlabeled_images_folder="imagesTrUnlabeled",
             synthetic={"task": task, "seed": int(seed), "shape": [int(v) for v in shape],
-                       "spacing": [float(v) for v in spacing], "protocols": protocols},
+                       "spacing": [float(v) for v in spacing], "protocols": case_protocols},
         )
         for d in existing:
             shutil.rmtree(os.path.join(raw_root, d))
