@@ -28,6 +28,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def _size(size: int) -> str:
+    return f"{size / 1e6:.3f} MB" if size >= 1000 else f"{size} bytes"
+
+
 def _timed(fn, device: torch.device, repeats: int) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls, all ranks starting together."""
     times = []
@@ -50,7 +54,7 @@ def worker(rank: int, world_size: int, args: argparse.Namespace) -> None:
 
     from nnunetv2_caml.distributed import (average_buffers, average_gradients, every_rank, on_every_rank,
                                            split_batch)
-    from nnunetv2_caml.networks import build_auxiliary_network, feature_channels
+    from nnunetv2_caml.networks import build_auxiliary_network, build_plans_unet, feature_channels
     from nnunetv2_caml.occ import OmniCorrelationConsistency
 
     dist.init_process_group(args.backend, rank=rank, world_size=world_size)
@@ -62,8 +66,9 @@ def worker(rank: int, world_size: int, args: argparse.Namespace) -> None:
     dataset_json = load_json(join(folder, "dataset.json"))
     configuration = plans.get_configuration(args.c)
     num_classes = plans.get_label_manager(dataset_json).num_segmentation_heads
-    network = build_auxiliary_network(configuration, determine_num_input_channels(plans, configuration, dataset_json),
-                                      num_classes).to(device)
+    num_input_channels = determine_num_input_channels(plans, configuration, dataset_json)
+    network = build_auxiliary_network(configuration, num_input_channels, num_classes).to(device)
+    main_parameters = sum(p.numel() for p in build_plans_unet(configuration, num_input_channels, num_classes).parameters())
     occ = OmniCorrelationConsistency(feature_channels(network), num_classes, device=device).to(device)  # defaults
     parameters = [*network.parameters(), *occ.parameters()]
     for p in parameters:  # as after a backward pass (what travels does not depend on the values)
@@ -92,10 +97,12 @@ def worker(rank: int, world_size: int, args: argparse.Namespace) -> None:
               f"network + heads {sum(p.numel() for p in parameters) / 1e6:.2f} M parameters")
         print(f"{'per step':42s} {'payload per rank':>18s} {'median time':>12s}")
         for name, (seconds, size) in results.items():
-            print(f"{name:42s} {size / 1e6:15.3f} MB {seconds * 1e3:9.2f} ms")
+            print(f"{name:42s} {_size(size):>18s} {seconds * 1e3:9.2f} ms")
         total_time = sum(t for t, _ in results.values())
         total_size = sum(s for _, s in results.values())
-        print(f"{'total':42s} {total_size / 1e6:15.3f} MB {total_time * 1e3:9.2f} ms")
+        print(f"{'total':42s} {_size(total_size):>18s} {total_time * 1e3:9.2f} ms")
+        print(f"for comparison, nnU-Net's own DDP all-reduces the main network's gradients: "
+              f"{_size(main_parameters * 4)} per step ({main_parameters / 1e6:.2f} M parameters)")
     dist.destroy_process_group()
 
 

@@ -88,7 +88,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.occ_top_k = 12800                  # most confident unlabeled voxels per class
         self.memory_per_class = 256             # memory entries sampled per class and step
         self.memory_entries_per_case = 4096     # stored per labeled case and class (nnU-Net patches are large)
-        self.unlabeled_batch_size = None        # None: as many unlabeled as labeled patches (nnU-Net); all GPUs'
+        self.unlabeled_batch_size = None        # None: as many unlabeled as labeled patches (nnU-Net); all GPUs' total
         self.max_consecutive_nonfinite_steps = 10  # skipped NaN/inf steps in a row that stop the run
 
         self.auxiliary_network = None

@@ -218,7 +218,10 @@ def ddp_runs(caml_dataset, tmp_path_factory):
     """One process trains epoch 0 (``nnUNetv2_train -device cpu``); 2 ranks resume that checkpoint (``--c``) and train
     epoch 1; one process resumes theirs and trains epoch 2. Each run's stdout and checkpoint digest, the ranks' reports."""
     d = caml_dataset
-    env = {**d["env"], "nnUNet_extTrainer": EXT_TRAINERS_WITH_TESTS, "OMP_NUM_THREADS": "1"}
+    # ranks compute with one thread each; nnUNetv2_train -device cpu uses every core, and its OpenMP threads would
+    # spin-wait for cores another process holds (4x the CPU time on a loaded machine)
+    env = {**d["env"], "nnUNet_extTrainer": EXT_TRAINERS_WITH_TESTS, "OMP_NUM_THREADS": "1",
+           "OMP_WAIT_POLICY": "PASSIVE"}
     output = (d["root"] / "nnUNet_results" / d["dataset_name"] / f"{TRAINER}__nnUNetPlans__{d['configuration']}" /
               "fold_all")
     reports = tmp_path_factory.mktemp("ddp_runs")
