@@ -68,7 +68,8 @@ def worker(rank: int, world_size: int, args: argparse.Namespace) -> None:
     num_classes = plans.get_label_manager(dataset_json).num_segmentation_heads
     num_input_channels = determine_num_input_channels(plans, configuration, dataset_json)
     network = build_auxiliary_network(configuration, num_input_channels, num_classes).to(device)
-    main_parameters = sum(p.numel() for p in build_plans_unet(configuration, num_input_channels, num_classes).parameters())
+    main_network = build_plans_unet(configuration, num_input_channels, num_classes)
+    main_parameters = sum(p.numel() for p in main_network.parameters())
     occ = OmniCorrelationConsistency(feature_channels(network), num_classes, device=device).to(device)  # defaults
     parameters = [*network.parameters(), *occ.parameters()]
     for p in parameters:  # as after a backward pass (what travels does not depend on the values)

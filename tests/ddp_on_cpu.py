@@ -32,7 +32,6 @@ def run_rank(rank: int, world_size: int, args: argparse.Namespace) -> None:
     trainer.perform_actual_validation(False)
     unlabeled = [next(trainer.dataloader_unlabeled) for _ in range(3)]
     torch.save({
-        "world_size": dist.get_world_size(),
         "main_network": unwrapped(trainer.network).state_dict(),
         **trainer._caml_state(),
         "logging": trainer.logger.get_checkpoint(),

@@ -8,10 +8,12 @@
 
 What these tests cannot cover, because nnU-Net's DDP path is CUDA-only and this machine has no GPU
 (``benchmarks/ddp_check.sh`` runs it on a machine with 2 GPUs): the nccl backend and ``torch.cuda.set_device``;
-``DDP(network, device_ids=[rank])`` inside nnU-Net's ``initialize`` (the test trainer wraps the main network the same way
-after CAML's set-up, so CAML's set-up sees it unwrapped); SyncBatchNorm (the plans here use InstanceNorm);
+``DDP(network, device_ids=[rank])`` inside nnU-Net's ``initialize`` (the test trainer wraps the main network the
+same way after CAML's set-up, so CAML's set-up sees it unwrapped); SyncBatchNorm (the plans here use InstanceNorm);
 autocast and the GradScaler; ``torch.compile`` under DDP; nnU-Net's ``mp.spawn`` from ``nnUNetv2_train -num_gpus 2``;
-augmentation workers (``nnUNet_n_proc_DA=0`` here: each rank draws patches in its own process); speed.
+augmentation workers (``nnUNet_n_proc_DA=0`` here: each rank draws patches in its own process); speed. Not covered
+here although it could be: a non-finite step inside a multi-GPU run (only its pieces: the collective decision and
+the bank restore of every rank's cases).
 """
 import os
 import subprocess
@@ -216,7 +218,8 @@ def _checkpoint_digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def ddp_runs(caml_dataset, tmp_path_factory):
     """One process trains epoch 0 (``nnUNetv2_train -device cpu``); 2 ranks resume that checkpoint (``--c``) and train
-    epoch 1; one process resumes theirs and trains epoch 2. Each run's stdout and checkpoint digest, the ranks' reports."""
+    epoch 1; one process resumes theirs and trains epoch 2. Each run's stdout and checkpoint digest; the ranks'
+    reports."""
     d = caml_dataset
     # ranks compute with one thread each; nnUNetv2_train -device cpu uses every core, and its OpenMP threads would
     # spin-wait for cores another process holds (4x the CPU time on a loaded machine)
