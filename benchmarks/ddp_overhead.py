@@ -13,8 +13,8 @@ the plans' batch split over the ranks):
 * ``average_gradients``: the auxiliary network's and OCC heads' gradients (one all-reduce);
 * ``average_buffers``: the OCC heads' BatchNorm statistics.
 
-nnU-Net's own DDP all-reduces the main network's gradients in the backward pass; that is not counted here. Prints
-the payload each rank contributes per step and the median time of each part over ``-n`` steps.
+Prints the payload each rank contributes per step and the median time of each part over ``-n`` steps. nnU-Net's own
+DDP all-reduce of the main network's gradients (in the backward pass) is not timed; its payload is printed beside.
 """
 import argparse
 import os
