@@ -35,7 +35,7 @@ import torch._inductor.config
 from torch._dynamo.eval_frame import OptimizedModule
 from torch._dynamo.utils import counters
 
-from nnunetv2_caml.networks import uncompiled
+from nnunetv2_caml.networks import unwrapped
 
 #: loss terms compared between the eager and the compiled step (continuous in both networks' outputs)
 COMPARED = ("caml_loss_sup_main", "caml_loss_sup_aux", "caml_loss_consistency")
@@ -95,8 +95,8 @@ def main() -> int:
         if any(kinds.values()) != (name == "compiled") or len(set(kinds.values())) != 1:
             failures.append(f"the {name} trainer compiled main {kinds['network']}, auxiliary "
                             f"{kinds['auxiliary_network']}")
-    uncompiled(compiled.network).load_state_dict(eager.network.state_dict())
-    uncompiled(compiled.auxiliary_network).load_state_dict(eager.auxiliary_network.state_dict())
+    unwrapped(compiled.network).load_state_dict(eager.network.state_dict())
+    unwrapped(compiled.auxiliary_network).load_state_dict(eager.auxiliary_network.state_dict())
     compiled.occ.load_state_dict(eager.occ.state_dict())
 
     steps = [(next(eager.dataloader_train), next(eager.dataloader_unlabeled)) for _ in range(args.n)]

@@ -7,10 +7,17 @@ current embedding of each labeled case. The bank lives on the training device.
 Difference to the paper's code: the paper keeps *every* correctly classified voxel of the last patch of a case (on
 the CPU). nnU-Net's patches are far larger (up to millions of voxels), so here each case keeps a uniform random
 subset of at most ``entries_per_case`` voxels per class. Sampling from the bank stays uniform over stored entries.
+
+Multi-GPU (``-num_gpus N``): each rank sees other labeled cases, yet OCC on every rank must correlate against every
+labeled case seen anywhere. :meth:`LabeledMemoryBank.store_from_every_rank` therefore applies every rank's update on
+every rank, in rank order, with the very tensors the rank chose (nothing is drawn again after the exchange), so the
+banks stay bitwise identical.
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from nnunetv2_caml.distributed import gather_rows
 
 
 class LabeledMemoryBank:
@@ -56,19 +63,47 @@ class LabeledMemoryBank:
         return self._rows[case_id]
 
     def update(self, case_id: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Replace what ``case_id`` stored with ``embeddings`` ``[N, D]`` of classes ``labels`` ``[N]``."""
+        """Replace what ``case_id`` stored with a uniform random subset (see :meth:`indices_to_store`) of
+        ``embeddings`` ``[N, D]`` of classes ``labels`` ``[N]``."""
+        self._check_entries(embeddings, labels)
+        keep = self.indices_to_store(labels)
+        self.store(case_id, embeddings[keep], labels[keep])
+
+    def store(self, case_id: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Replace what ``case_id`` stored with exactly ``embeddings`` ``[N, D]`` of classes ``labels`` ``[N]``, in
+        their order: at most ``entries_per_case`` per class (what :meth:`indices_to_store` keeps); labels outside
+        ``0..num_classes-1`` are dropped."""
+        self._check_entries(embeddings, labels)
+        embeddings = embeddings.detach().to(self.device, torch.float32)
+        labels = labels.to(self.device)
+        of_class = [embeddings[labels == c] for c in range(self.num_classes)]
+        if max(e.shape[0] for e in of_class) > self.entries_per_case:
+            raise ValueError(f"case {case_id}: more than entries_per_case={self.entries_per_case} entries of a class; "
+                             f"choose them with indices_to_store (or use update)")
+        row = self._row(str(case_id))
+        for c, entries in enumerate(of_class):
+            self._embeddings[c, row, :entries.shape[0]] = entries
+            self._counts[c, row] = entries.shape[0]
+
+    def store_from_every_rank(self, updates: Sequence[Tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        """:meth:`store` each ``(case_id, embeddings, labels)`` of ``updates`` and, in a multi-GPU run, every other
+        rank's too: all ranks' updates are gathered and applied in rank order on every rank, so every bank ends up
+        bitwise identical. Without a process group this stores ``updates`` in their order."""
+        rows = torch.cat([torch.cat((e.detach().float(), l.to(e.device, torch.float32)[:, None]), 1)
+                          for _, e, l in updates]) if updates else \
+            torch.zeros(0, self.embedding_dim + 1, device=self.device)
+        # one [N, D + 1] tensor per rank: the embeddings with their class as a last column (small integers are exact
+        # in float32), and which rows belong to which case
+        info = [(str(case_id), e.shape[0]) for case_id, e, _ in updates]
+        for rank_rows, rank_info in gather_rows(rows, info):
+            for (case_id, _), entries in zip(rank_info, rank_rows.split([n for _, n in rank_info])):
+                self.store(case_id, entries[:, :-1], entries[:, -1].long())
+
+    def _check_entries(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
             raise ValueError(f"expected embeddings of shape [N, {self.embedding_dim}], got {tuple(embeddings.shape)}")
         if labels.shape != embeddings.shape[:1]:
             raise ValueError(f"labels {tuple(labels.shape)} do not match embeddings {tuple(embeddings.shape)}")
-        keep = self.indices_to_store(labels)
-        embeddings = embeddings.detach()[keep].to(self.device, torch.float32)
-        labels = labels[keep].to(self.device)
-        row = self._row(str(case_id))
-        for c in range(self.num_classes):
-            of_class = embeddings[labels == c]
-            self._embeddings[c, row, :of_class.shape[0]] = of_class
-            self._counts[c, row] = of_class.shape[0]
 
     def snapshot(self, case_ids: Sequence[str]) -> tuple:
         """What :meth:`update` of ``case_ids`` can change, for :meth:`restore` (e.g. after a non-finite step)."""
@@ -138,16 +173,18 @@ class LabeledMemoryBank:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a bank saved by :meth:`state_dict`; classes and embedding size must match this bank's. The bank
-        keeps its own ``entries_per_case``: a case that stored more keeps a uniform random subset."""
+        keeps its own ``entries_per_case``: a case that stored more keeps a uniform random subset, the same one on
+        every rank."""
         for key in ("num_classes", "embedding_dim"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"memory bank in checkpoint has {key}={state[key]}, this trainer uses "
                                  f"{getattr(self, key)}")
         self._allocate(self.entries_per_case, len(state["entries"]))
+        subsets = torch.Generator().manual_seed(0)  # the same subsets on every rank of a multi-GPU run
         for case, per_class in state["entries"].items():
             row = self._row(case)
             for c, entries in enumerate(per_class):
                 if entries.shape[0] > self.entries_per_case:
-                    entries = entries[torch.randperm(entries.shape[0])[:self.entries_per_case]]
+                    entries = entries[torch.randperm(entries.shape[0], generator=subsets)[:self.entries_per_case]]
                 self._embeddings[c, row, :entries.shape[0]] = entries.to(self.device)
                 self._counts[c, row] = entries.shape[0]

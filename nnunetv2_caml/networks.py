@@ -20,6 +20,7 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from nnunetv2_caml.cma import CrossSampleMutualAttention
 
@@ -125,8 +126,11 @@ class DecoderFeatures:
         return features
 
 
-def uncompiled(network: nn.Module) -> nn.Module:
-    """The module itself behind ``torch.compile``'s wrapper (whose ``state_dict`` keys carry a ``_orig_mod.``)."""
+def unwrapped(network: nn.Module) -> nn.Module:
+    """The module itself behind DistributedDataParallel's and ``torch.compile``'s wrappers (whose ``state_dict`` keys
+    carry ``module.`` and ``_orig_mod.``), as nnU-Net unwraps its network for checkpoints."""
+    if isinstance(network, DistributedDataParallel):
+        network = network.module
     return getattr(network, "_orig_mod", network)
 
 

@@ -10,6 +10,12 @@ Difference to the paper's code: the paper projects *every* agreeing unlabeled vo
 confident per class. Here the ``top_k`` are chosen first (the choice depends only on the predictions) and only they
 are projected, which keeps the heads' cost independent of nnU-Net's patch size. The heads' BatchNorm therefore sees
 the selected voxels rather than all agreeing ones.
+
+Multi-GPU: each rank selects its ``top_k`` from its own unlabeled patches, and the heads' BatchNorm normalises them
+with that rank's batch statistics; not ``SyncBatchNorm``, which needs every rank to run the heads in every step,
+while a rank whose unlabeled patches hold no agreeing voxel skips them. The trainer
+averages the heads' gradients and running statistics over the ranks after each step
+(:mod:`nnunetv2_caml.distributed`), so the eval-mode heads that embed the bank's entries are the same on every rank.
 """
 from typing import Sequence
 
@@ -65,7 +71,8 @@ class OmniCorrelationConsistency(nn.Module):
     @torch.no_grad()
     def update_memory(self, features_main: torch.Tensor, features_aux: torch.Tensor, pred_main: torch.Tensor,
                       pred_aux: torch.Tensor, target: torch.Tensor, case_ids: Sequence[str]) -> None:
-        """Store, per labeled case, embeddings of the voxels both networks got right.
+        """Store, per labeled case, embeddings of the voxels both networks got right; in a multi-GPU run every rank's
+        cases, on every rank (:meth:`LabeledMemoryBank.store_from_every_rank`).
 
         ``features_*``: ``[B_l, F, *spatial]``; ``pred_*`` and ``target``: ``[B_l, *spatial]`` class indices
         (target voxels outside ``0..num_classes-1``, e.g. nnU-Net's ignore label, are never stored).
@@ -73,6 +80,7 @@ class OmniCorrelationConsistency(nn.Module):
         heads_were_training = self.training
         self.projection_main.eval()
         self.projection_aux.eval()
+        updates = []
         for i, case_id in enumerate(case_ids):
             correct = (pred_main[i] == target[i]) & (pred_aux[i] == target[i]) & (target[i] < self.num_classes)
             correct = torch.nonzero(correct.flatten(), as_tuple=True)[0]
@@ -83,7 +91,8 @@ class OmniCorrelationConsistency(nn.Module):
             f_main = gather_voxels(features_main[i:i + 1], correct[keep]).float()
             f_aux = gather_voxels(features_aux[i:i + 1], correct[keep]).float()
             embeddings = (self.projection_main(f_main) + self.projection_aux(f_aux)) / 2
-            self.memory_bank.update(case_id, embeddings, labels[keep])
+            updates.append((case_id, embeddings, labels[keep]))
+        self.memory_bank.store_from_every_rank(updates)  # multi-GPU: every rank's cases reach every rank's bank
         self.train(heads_were_training)
 
     def forward(self, features_main: torch.Tensor, features_aux: torch.Tensor, probs_main: torch.Tensor,

@@ -15,12 +15,17 @@ What CAML adds to make a run fail loudly rather than train wrong: checkpoints ar
 (:mod:`nnunetv2_caml.checkpoints`), the unlabeled data must match the plans it is trained with, a step whose loss is
 not finite is skipped (no optimizer step, no memory bank write) and many in a row stop the run, and every refusal is
 one line (:mod:`nnunetv2_caml.errors`).
+
+Multi-GPU (``-num_gpus N``) follows nnU-Net's DDP: nnU-Net wraps the main network; the auxiliary network and the OCC
+heads are averaged across ranks after each backward pass, the memory bank applies every rank's update on every rank,
+and the unlabeled batch is split across ranks like the labeled one (:mod:`nnunetv2_caml.distributed`).
 """
 import io
 from typing import List
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
@@ -35,10 +40,12 @@ from torch import autocast, nn
 from nnunetv2_caml.checkpoints import (CHECKPOINT_AUXILIARY_NETWORK, CHECKPOINT_MEMORY_BANK, CHECKPOINT_OCC_HEADS,
                                        CHECKPOINT_SETTINGS, CAMLCheckpointError, caml_state_digest, has_caml_state,
                                        read_checkpoint, save_atomically)
+from nnunetv2_caml.distributed import (average_buffers, average_gradients, broadcast_from_rank_zero, every_rank,
+                                       on_every_rank, rank_seeds, split_batch)
 from nnunetv2_caml.errors import CAMLError, install_one_line_errors
 from nnunetv2_caml.losses import (CONSISTENCY_DISTANCES, CONSISTENCY_DISTANCES_TEXT, mutual_consistency_loss,
                                   sigmoid_rampup)
-from nnunetv2_caml.networks import DecoderFeatures, build_auxiliary_network, feature_channels, uncompiled
+from nnunetv2_caml.networks import DecoderFeatures, build_auxiliary_network, feature_channels, unwrapped
 from nnunetv2_caml.occ import OmniCorrelationConsistency
 from nnunetv2_caml.progress import CAML_LOSS_KEYS, CAML_MEMORY_KEY, CAMLLocalLogger
 from nnunetv2_caml.unlabeled import assert_unlabeled_data_ready, preprocessing_fingerprint, unlabeled_case_identifiers
@@ -81,7 +88,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.occ_top_k = 12800                  # most confident unlabeled voxels per class
         self.memory_per_class = 256             # memory entries sampled per class and step
         self.memory_entries_per_case = 4096     # stored per labeled case and class (nnU-Net patches are large)
-        self.unlabeled_batch_size = None        # None: as many unlabeled as labeled patches (nnU-Net)
+        self.unlabeled_batch_size = None        # None: as many unlabeled as labeled patches (nnU-Net); all GPUs' total
         self.max_consecutive_nonfinite_steps = 10  # skipped NaN/inf steps in a row that stop the run
 
         self.auxiliary_network = None
@@ -100,9 +107,6 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         if self.label_manager.has_regions:
             raise CAMLConfigurationError("CAML needs softmax (class) labels; this dataset uses region-based training "
                                          "('regions_class_order' in dataset.json), which CAML does not support.")
-        if self.is_ddp:
-            raise CAMLConfigurationError("nnUNetTrainerCAML runs on one GPU; multi-GPU (-num_gpus > 1) is not "
-                                         "supported yet.")
 
     # ------------------------------------------------------------------ set-up
     def initialize(self):
@@ -117,16 +121,20 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.auxiliary_network = build_auxiliary_network(
             self.configuration_manager, num_input_channels, num_classes, self.use_cma, self.cma_stage,
             self.cma_num_heads).to(self.device)
+        if self.is_ddp:  # as nnU-Net converts the main network (a no-op for the usual InstanceNorm plans)
+            self.auxiliary_network = nn.SyncBatchNorm.convert_sync_batchnorm(self.auxiliary_network)
         self.occ = OmniCorrelationConsistency(
             feature_channels(self.auxiliary_network), num_classes, self.occ_embedding_dim, self.occ_temperature,
             self.occ_top_k, self.memory_per_class, self.memory_entries_per_case, self.device).to(self.device)
+        # multi-GPU: every rank starts from rank 0's auxiliary network and heads, as DDP does for the main network
+        broadcast_from_rank_zero([*self.auxiliary_network.state_dict().values(), *self.occ.state_dict().values()])
         super().initialize()  # nnU-Net builds the main network here and compiles it when _do_i_compile() says so
         if self._do_i_compile():
             self.print_to_log_file("CAML: using torch.compile for the auxiliary network as well")
             self.auxiliary_network = torch.compile(self.auxiliary_network)
         # forward hooks on the last decoder stage: dynamo traces them into each network's graph (no graph break)
-        self._features_main = DecoderFeatures(self.network)
-        self._features_aux = DecoderFeatures(self.auxiliary_network)
+        self._features_main = DecoderFeatures(unwrapped(self.network))
+        self._features_aux = DecoderFeatures(unwrapped(self.auxiliary_network))
         self.print_to_log_file("CAML settings: " + ", ".join(f"{k}={v}" for k, v in self.caml_settings().items()))
 
     def caml_settings(self) -> dict:
@@ -136,11 +144,27 @@ class nnUNetTrainerCAML(nnUNetTrainer):
     def configure_optimizers(self):
         optimizer, lr_scheduler = super().configure_optimizers()
         # one SGD over both networks and the OCC heads; nnU-Net's poly schedule sets the lr of every group
-        optimizer.add_param_group({"params": [*self.auxiliary_network.parameters(), *self.occ.parameters()]})
+        optimizer.add_param_group({"params": self._caml_parameters()})
         return optimizer, lr_scheduler
 
+    def _caml_parameters(self) -> List[nn.Parameter]:
+        """The auxiliary network's and the OCC heads' parameters (what DDP does not average for CAML)."""
+        return [*self.auxiliary_network.parameters(), *self.occ.parameters()]
+
     def _unlabeled_batch_size(self) -> int:
+        """Unlabeled patches per step over all GPUs."""
         return self.unlabeled_batch_size or self.configuration_manager.batch_size
+
+    def _unlabeled_batch_size_this_rank(self) -> int:
+        """This rank's share of the unlabeled batch, split as nnU-Net splits the labeled one."""
+        if not self.is_ddp:
+            return self._unlabeled_batch_size()
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        if self._unlabeled_batch_size() < world_size:
+            raise CAMLConfigurationError(
+                f"{self._unlabeled_batch_size()} unlabeled patch(es) per step cannot be split over {world_size} GPUs: "
+                f"set unlabeled_batch_size to at least {world_size} in a subclass, or train on fewer GPUs")
+        return split_batch(self._unlabeled_batch_size(), world_size, rank)
 
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
@@ -158,10 +182,17 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.print_to_log_file(f"CAML: training on {self._num_labeled_cases} labeled case(s) of fold {self.fold} and "
                                f"{len(unlabeled_case_identifiers(unlabeled_folder))} unlabeled case(s) from "
                                f"{unlabeled_folder}")
+        if self.is_ddp:
+            self.print_to_log_file(
+                f"CAML: rank {self.local_rank} of {dist.get_world_size()} draws {self.batch_size} labeled and "
+                f"{self._unlabeled_batch_size_this_rank()} unlabeled patch(es) per step; the auxiliary network and OCC "
+                f"heads are averaged over the ranks, the memory bank holds every rank's cases")
         return dataloader_train, dataloader_val
 
     def _get_unlabeled_dataloader(self, unlabeled_folder: str):
-        """Unlabeled patches: random crops with nnU-Net's training augmentation, like the labeled ones."""
+        """Unlabeled patches: random crops with nnU-Net's training augmentation, like the labeled ones. In a multi-GPU
+        run each rank draws its share of the batch from all unlabeled cases, as nnU-Net's labeled loader does, with
+        augmentation workers seeded apart from every other rank's."""
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
@@ -170,14 +201,15 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
         dataset = infer_dataset_class(unlabeled_folder)(unlabeled_folder, unlabeled_case_identifiers(unlabeled_folder))
-        loader = nnUNetDataLoader(dataset, self._unlabeled_batch_size(), initial_patch_size,
+        loader = nnUNetDataLoader(dataset, self._unlabeled_batch_size_this_rank(), initial_patch_size,
                                   self.configuration_manager.patch_size, self.label_manager,
                                   oversample_foreground_percent=0.0, transforms=transforms)
         loader.has_ignore = False  # unlabeled cases have no annotated-voxel locations: always crop at random
         num_processes = get_allowed_n_proc_DA()
         if num_processes == 0:
-            return SingleThreadedAugmenter(loader, None)
-        return NonDetMultiThreadedAugmenter(loader, None, num_processes, max(6, num_processes // 2), None,
+            return SingleThreadedAugmenter(loader, None)  # draws from this process's (this rank's) generators
+        seeds = rank_seeds(num_processes, self.local_rank) if self.is_ddp else None
+        return NonDetMultiThreadedAugmenter(loader, None, num_processes, max(6, num_processes // 2), seeds,
                                             pin_memory=self.device.type == "cuda", wait_time=0.002)
 
     def on_train_start(self):
@@ -215,9 +247,11 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]] \
             if isinstance(batch["target"], list) else batch["target"].to(self.device, non_blocking=True)
         lambda_c, lambda_o = self.rampup_weights()
-        # what a non-finite step must not change besides the weights: norm buffers and the memory bank's rows
+        # what a non-finite step must not change besides the weights: norm buffers and the memory bank's rows (those
+        # of every rank's cases: the bank stores them all)
         buffers = [b.clone() for b in self._buffers()]
-        bank = self.occ.memory_bank.snapshot(batch["keys"]) if self.use_occ else None
+        bank = self.occ.memory_bank.snapshot([k for keys in every_rank(list(batch["keys"])) for k in keys]) \
+            if self.use_occ else None
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
@@ -243,18 +277,21 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         step = {**dict(zip(terms, values)), "caml_lambda_c": np.float64(lambda_c),
                 "caml_lambda_o": np.float64(lambda_o)}
 
-        if not np.isfinite(values).all():
+        # multi-GPU: a step is skipped on every rank or on none (DDP's backward is a collective)
+        if not on_every_rank(bool(np.isfinite(values).all()), self.device):
             return self._skip_nonfinite_step(step, buffers, bank)
         self._nonfinite_in_a_row = 0
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+        # DDP averaged the main network's gradients during backward; CAML's own parts are averaged here (multi-GPU)
+        average_gradients(self._caml_parameters())
+        average_buffers(list(self.occ.buffers()))
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 12)
             self.optimizer.step()
         return {**step, "caml_nonfinite_step": False}
@@ -295,26 +332,31 @@ class nnUNetTrainerCAML(nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         finite = [o for o in train_outputs if not o["caml_nonfinite_step"]]
-        skipped = len(train_outputs) - len(finite)
+        skipped = len(train_outputs) - len(finite)  # the same on every rank: steps are skipped on all or none
         outputs = collate_outputs(finite or train_outputs)  # an epoch of skipped steps logs NaN
-        super().on_train_epoch_end(finite or train_outputs)
-        for key in (*CAML_LOSS_KEYS, "caml_lambda_c", "caml_lambda_o"):
-            self.logger.log(key, float(np.mean(outputs[key])), self.current_epoch)
+        super().on_train_epoch_end(finite or train_outputs)  # nnU-Net gathers its loss from every rank
+        keys = (*CAML_LOSS_KEYS, "caml_lambda_c", "caml_lambda_o")
+        # the mean over every rank's steps, gathered as nnU-Net gathers its own loss
+        per_rank = every_rank({k: outputs[k] for k in keys})
+        means = {k: float(np.mean([v for rank in per_rank for v in rank[k]])) for k in keys}
+        for key in keys:
+            self.logger.log(key, means[key], self.current_epoch)
         fill = self.occ.memory_bank.fill()
         self.logger.log(CAML_MEMORY_KEY, int(sum(fill)), self.current_epoch)
         self.print_to_log_file(
-            "CAML: " + ", ".join(f"{k[5:]} {np.mean(outputs[k]):.4f}" for k in CAML_LOSS_KEYS) +
-            f", lambda_c {np.mean(outputs['caml_lambda_c']):.4f}, lambda_o {np.mean(outputs['caml_lambda_o']):.4f}, "
+            "CAML: " + ", ".join(f"{k[5:]} {means[k]:.4f}" for k in CAML_LOSS_KEYS) +
+            f", lambda_c {means['caml_lambda_c']:.4f}, lambda_o {means['caml_lambda_o']:.4f}, "
             f"memory bank per class {fill}" + (f", {skipped} non-finite step(s) skipped" if skipped else ""))
 
     # ------------------------------------------------------------------ checkpoints
     def _caml_state(self) -> dict:
-        return {CHECKPOINT_AUXILIARY_NETWORK: uncompiled(self.auxiliary_network).state_dict(),
+        return {CHECKPOINT_AUXILIARY_NETWORK: unwrapped(self.auxiliary_network).state_dict(),
                 CHECKPOINT_OCC_HEADS: self.occ.state_dict(),
                 CHECKPOINT_MEMORY_BANK: self.occ.memory_bank.state_dict()}
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus CAML's state, written once and moved into place atomically."""
+        """nnU-Net's checkpoint plus CAML's state, written once and moved into place atomically; in a multi-GPU run by
+        rank 0 (every rank holds the same CAML state)."""
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)  # nnU-Net logs that checkpointing is disabled
         nnunet_checkpoint = io.BytesIO()
@@ -341,7 +383,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             return
         super().load_checkpoint(filename)
         self._resumed_without_caml_state = None
-        uncompiled(self.auxiliary_network).load_state_dict(checkpoint[CHECKPOINT_AUXILIARY_NETWORK])
+        unwrapped(self.auxiliary_network).load_state_dict(checkpoint[CHECKPOINT_AUXILIARY_NETWORK])
         self.occ.load_state_dict(checkpoint[CHECKPOINT_OCC_HEADS])
         self.occ.memory_bank.load_state_dict(checkpoint[CHECKPOINT_MEMORY_BANK])
         settings = self.caml_settings()
@@ -360,7 +402,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         one parameter group where CAML's has two): the main network's weights and the mirroring axes."""
         if not self.was_initialized:
             self.initialize()
-        network = uncompiled(self.network.module if self.is_ddp else self.network)
+        network = unwrapped(self.network)
         own = network.state_dict().keys()
         network.load_state_dict({k[len("module."):] if k not in own and k.startswith("module.") else k: v
                                  for k, v in checkpoint["network_weights"].items()})

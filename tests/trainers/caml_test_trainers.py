@@ -1,11 +1,14 @@
 """Trainers used only by the tests: the package's CAML trainer with a test-sized schedule.
 
 The tests put this folder on ``nnUNet_extTrainer`` beside the repository's ``trainers/`` folder, so nnU-Net's own
-trainer search finds these classes. Nothing here changes how CAML trains.
+trainer search finds these classes. Nothing here changes how CAML trains; ``nnUNetTrainerCAML_ddpOnCPU`` changes how
+nnU-Net places it (on the CPU under a process group, see there).
 """
 import os
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
 from nnunetv2_caml.variants import nnUNetTrainerCAML_lambdaS1_ceConsistency
@@ -64,3 +67,59 @@ class nnUNetTrainerCAML_compileOnCPU(nnUNetTrainerCAML):
 
     def _do_i_compile(self):
         return os.environ.get("nnUNet_compile", "t").lower() in ("true", "1", "t")
+
+
+class nnUNetTrainerCAML_envEpochs(nnUNetTrainerCAML):
+    """``CAML_TEST_EPOCHS`` epochs (default 1) of 3 steps, so that runs of different world sizes can resume and extend
+    one output folder (``tests/test_ddp.py``, ``benchmarks/ddp_check.sh``)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = int(os.environ.get("CAML_TEST_EPOCHS", "1"))
+        self.num_iterations_per_epoch = 3
+        self.num_val_iterations_per_epoch = 1
+
+
+class nnUNetTrainerCAML_ddpOnCPU(nnUNetTrainerCAML_envEpochs):
+    """nnU-Net's multi-GPU (DDP) training of CAML on the CPU, for ``tests/ddp_on_cpu.py`` (gloo backend).
+
+    nnU-Net's DDP path is CUDA-only in two places, and only those are undone here: ``__init__`` moves a trainer inside
+    a process group to ``cuda:<rank>`` (with a CUDA GradScaler), and ``initialize`` wraps the main network as
+    ``DDP(network, device_ids=[rank])``, which only CUDA modules accept. Here the trainer stays on the CPU, and
+    ``initialize`` runs nnU-Net's and CAML's set-up with nnU-Net's DDP switch off, then does what that switch does in
+    nnU-Net's ``initialize``: the per-rank batch split, SyncBatchNorm conversion and DDP wrap of the main network
+    (without ``device_ids``) and the DDP loss. So CAML's own set-up sees an unwrapped main network (on CUDA it sees the
+    DDP wrapper) and does not convert the auxiliary network's BatchNorm (these plans have none; SyncBatchNorm is
+    CUDA-only). Each step records the labeled cases it drew and its outputs for the test. Outside a process group
+    nnU-Net's final validation is skipped: ``tests/test_training_integration.py`` covers it, and here it would double
+    the test's time; under DDP it runs.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.device = torch.device("cpu")
+        self.grad_scaler = None
+        self.recorded_steps = []  # (labeled case ids, train_step's outputs) of every step of this process
+
+    def initialize(self):
+        if not self.is_ddp:
+            return super().initialize()
+        self.is_ddp = False
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = True
+        self._set_batch_size_and_oversample()
+        self.network = DDP(nn.SyncBatchNorm.convert_sync_batchnorm(self.network))
+        self.loss = self._build_loss()
+
+    def train_step(self, batch: dict) -> dict:
+        outputs = super().train_step(batch)
+        self.recorded_steps.append((list(batch["keys"]), outputs))
+        return outputs
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.is_ddp:
+            super().perform_actual_validation(save_probabilities)
