@@ -2,8 +2,8 @@
 
 Names follow the paper (Gao et al., MICCAI 2023):
 
-* :func:`sharpen` and :func:`mutual_consistency_loss` -- the mutual consistency loss ``L_c`` (the paper's MSE, or a
-  cross-entropy form);
+* :func:`sharpen` and :func:`mutual_consistency_loss` -- the mutual consistency loss ``L_c`` (the paper's MSE, a
+  cross-entropy form, or nnU-Net's Dice + cross-entropy form);
 * :func:`omni_correlation_matrix` and :func:`omni_correlation_consistency_loss` -- the
   Omni-Correlation Consistency loss ``L_o``;
 * :func:`sigmoid_rampup` -- the ramp-up of ``lambda_c`` and ``lambda_o``.
@@ -27,17 +27,22 @@ def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 #: the distances :func:`mutual_consistency_loss` offers
-CONSISTENCY_DISTANCES = ("mse", "ce")
-CONSISTENCY_DISTANCES_TEXT = " or ".join(map(repr, CONSISTENCY_DISTANCES))  # "'mse' or 'ce'", for messages
+CONSISTENCY_DISTANCES = ("mse", "ce", "dice_ce")
+CONSISTENCY_DISTANCES_TEXT = " or ".join(map(repr, CONSISTENCY_DISTANCES))  # "'mse' or 'ce' or ...", for messages
 
 
 def mutual_consistency_loss(probs_main: torch.Tensor, probs_aux: torch.Tensor, temperature: float = 0.1,
-                            detach_targets: bool = False, distance: str = "mse") -> torch.Tensor:
+                            detach_targets: bool = False, distance: str = "mse",
+                            batch_dice: bool = False) -> torch.Tensor:
     """``L_c = d(p_main, sharpen(p_aux)) + d(p_aux, sharpen(p_main))``, averaged over voxels.
 
     ``distance="mse"`` (the paper): the mean squared error over all elements. ``distance="ce"``: the cross-entropy
     ``-sum_c t_c log p_c`` per voxel, on the scale of nnU-Net's own CE; its gradient on the logits is ``p - t``, so
     unlike the MSE through the softmax it does not vanish on voxels a network is confidently wrong about.
+    ``distance="dice_ce"``: that cross-entropy plus nnU-Net's soft Dice loss over the foreground classes
+    (:func:`soft_dice_loss`, per sample or, with ``batch_dice``, over the batch as the plans say), the form of
+    nnU-Net's supervised loss with the sharpened prediction as a soft label; the Dice term weighs the rare foreground
+    voxels as much as the background, which the voxel-averaged cross-entropy does not.
     The paper's code lets gradients flow through the sharpened targets; ``detach_targets=True`` stops them.
     """
     if distance not in CONSISTENCY_DISTANCES:
@@ -46,14 +51,32 @@ def mutual_consistency_loss(probs_main: torch.Tensor, probs_aux: torch.Tensor, t
     target_for_aux = sharpen(probs_main, temperature)
     if detach_targets:
         target_for_main, target_for_aux = target_for_main.detach(), target_for_aux.detach()
+    pairs = ((probs_main, target_for_main), (probs_aux, target_for_aux))
     if distance == "mse":
-        return F.mse_loss(probs_main, target_for_main) + F.mse_loss(probs_aux, target_for_aux)
-    return _soft_cross_entropy(probs_main, target_for_main) + _soft_cross_entropy(probs_aux, target_for_aux)
+        return sum(F.mse_loss(probs, target) for probs, target in pairs)
+    if distance == "ce":
+        return sum(_soft_cross_entropy(probs, target) for probs, target in pairs)
+    return sum(_soft_cross_entropy(probs, target) + soft_dice_loss(probs, target, batch_dice)
+               for probs, target in pairs)
 
 
 def _soft_cross_entropy(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mean over voxels of -sum_c target_c log probs_c`` for ``[B, C, ...]`` tensors."""
     return -(target * torch.log(probs.clamp_min(1e-8))).sum(1).mean()
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, batch_dice: bool = False,
+                   smooth: float = 1e-5) -> torch.Tensor:
+    """``1 - mean over foreground classes of (2 sum p t + smooth) / (sum p + sum t + smooth)`` for ``[B, C, ...]``
+    probabilities and soft (or one-hot) targets: nnU-Net's soft Dice (``do_bg=False``, ``smooth=1e-5``), shifted by
+    1 so that it is 0 for equal one-hot maps. Per sample, then averaged, or with ``batch_dice`` over the whole batch.
+    Class 0 is the background; with a single class the Dice is taken over it."""
+    axes = (0, *range(2, probs.ndim)) if batch_dice else tuple(range(2, probs.ndim))
+    intersection = (probs * target).sum(axes)
+    total = probs.sum(axes) + target.sum(axes)
+    dice = (2 * intersection + smooth) / (total + smooth).clamp_min(1e-8)
+    foreground = dice[..., 1:] if dice.shape[-1] > 1 else dice
+    return 1 - foreground.mean()
 
 
 def sigmoid_rampup(current: float, length: float) -> float:

@@ -47,6 +47,7 @@ from nnunetv2_caml.losses import (CONSISTENCY_DISTANCES, CONSISTENCY_DISTANCES_T
                                   sigmoid_rampup)
 from nnunetv2_caml.networks import DecoderFeatures, build_auxiliary_network, feature_channels, unwrapped
 from nnunetv2_caml.occ import OmniCorrelationConsistency
+from nnunetv2_caml.perturbed_views import UnlabeledDataLoaderWithPerturbedView
 from nnunetv2_caml.progress import CAML_LOSS_KEYS, CAML_MEMORY_KEY, CAMLLocalLogger
 from nnunetv2_caml.unlabeled import assert_unlabeled_data_ready, preprocessing_fingerprint, unlabeled_case_identifiers
 
@@ -56,7 +57,7 @@ install_one_line_errors()  # nnUNetv2_train imports this module: its CAML refusa
 CAML_SETTINGS = ("lambda_s", "lambda_c", "lambda_o", "rampup_fraction", "sharpen_temperature",
                  "consistency_distance", "detach_sharpened_targets", "use_cma", "cma_stage", "cma_num_heads", "use_occ",
                  "occ_embedding_dim", "occ_temperature", "occ_top_k", "memory_per_class", "memory_entries_per_case",
-                 "unlabeled_batch_size", "max_consecutive_nonfinite_steps")
+                 "unlabeled_batch_size", "perturbed_view", "max_consecutive_nonfinite_steps")
 
 
 class CAMLConfigurationError(CAMLError):
@@ -77,7 +78,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.lambda_o = 0.05                    # max weight of the omni-correlation consistency loss
         self.rampup_fraction = 0.2              # ramp-up length as a fraction of all training iterations (nnU-Net)
         self.sharpen_temperature = 0.1          # T of the sharpening
-        self.consistency_distance = "mse"       # L_c's distance: "mse" (paper) or "ce" (cross-entropy, nnU-Net scale)
+        self.consistency_distance = "mse"       # L_c's distance: "mse" (paper), "ce" or "dice_ce" (nnU-Net's scale)
         self.detach_sharpened_targets = False   # the paper's code lets gradients flow through sharpened targets
         self.use_cma = True                     # Cross-sample Mutual Attention in the auxiliary encoder
         self.cma_stage = -2                     # encoder stage whose output CMA attends (-2: above the bottleneck)
@@ -89,6 +90,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.memory_per_class = 256             # memory entries sampled per class and step
         self.memory_entries_per_case = 4096     # stored per labeled case and class (nnU-Net patches are large)
         self.unlabeled_batch_size = None        # None: as many unlabeled as labeled patches (nnU-Net); all GPUs' total
+        self.perturbed_view = False             # main network sees a photometrically perturbed copy of unlabeled patches
         self.max_consecutive_nonfinite_steps = 10  # skipped NaN/inf steps in a row that stop the run
 
         self.auxiliary_network = None
@@ -201,9 +203,10 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
         dataset = infer_dataset_class(unlabeled_folder)(unlabeled_folder, unlabeled_case_identifiers(unlabeled_folder))
-        loader = nnUNetDataLoader(dataset, self._unlabeled_batch_size_this_rank(), initial_patch_size,
-                                  self.configuration_manager.patch_size, self.label_manager,
-                                  oversample_foreground_percent=0.0, transforms=transforms)
+        loader_class = UnlabeledDataLoaderWithPerturbedView if self.perturbed_view else nnUNetDataLoader
+        loader = loader_class(dataset, self._unlabeled_batch_size_this_rank(), initial_patch_size,
+                              self.configuration_manager.patch_size, self.label_manager,
+                              oversample_foreground_percent=0.0, transforms=transforms)
         loader.has_ignore = False  # unlabeled cases have no annotated-voxel locations: always crop at random
         num_processes = get_allowed_n_proc_DA()
         if num_processes == 0:
@@ -244,6 +247,9 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         unlabeled = next(self.dataloader_unlabeled)
         num_labeled = batch["data"].shape[0]
         data = torch.cat((batch["data"], unlabeled["data"])).to(self.device, non_blocking=True)
+        # the main network's input: the same, or with the unlabeled patches' perturbed view (perturbed_views.py)
+        data_main = torch.cat((batch["data"], unlabeled["data_perturbed"])).to(self.device, non_blocking=True) \
+            if self.perturbed_view else data
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]] \
             if isinstance(batch["target"], list) else batch["target"].to(self.device, non_blocking=True)
         lambda_c, lambda_o = self.rampup_weights()
@@ -255,7 +261,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output_main = self.network(data)
+            output_main = self.network(data_main)
             features_main = self._features_main.pop()
             output_aux = self.auxiliary_network(data)
             features_aux = self._features_aux.pop()
@@ -266,7 +272,8 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         probs_main = torch.softmax(_full_resolution(output_main).float(), 1)
         probs_aux = torch.softmax(_full_resolution(output_aux).float(), 1)
         loss_consistency = mutual_consistency_loss(probs_main, probs_aux, self.sharpen_temperature,
-                                                   self.detach_sharpened_targets, self.consistency_distance)
+                                                   self.detach_sharpened_targets, self.consistency_distance,
+                                                   self.configuration_manager.batch_dice)
         loss_occ = self.omni_correlation_consistency(features_main, features_aux, probs_main, probs_aux,
                                                      _full_resolution(target)[:, 0], num_labeled, batch["keys"])
         loss = self.lambda_s * (loss_sup_main + loss_sup_aux) + lambda_c * loss_consistency + lambda_o * loss_occ

@@ -3,8 +3,11 @@
 Ablations of the paper's components, and shorter schedules (``-tr nnUNetTrainerCAML_250epochs``).
 """
 import torch
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2_caml.perturbed_views import strong_intensity_transforms
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
 
 
@@ -86,6 +89,26 @@ class nnUNetTrainerCAML_lambdaS1_ceConsistency(nnUNetTrainerCAML_ceConsistency):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lambda_s = 1.0
+
+
+class nnUNetTrainerCAML_lambdaS1_diceCEConsistency(nnUNetTrainerCAML_lambdaS1_ceConsistency):
+    """``_lambdaS1_ceConsistency`` with nnU-Net's Dice + cross-entropy as the consistency distance: each network is
+    trained on the other's sharpened prediction as nnU-Net trains on a label (soft Dice over the foreground plus CE)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.consistency_distance = "dice_ce"
+
+
+class nnUNetTrainerCAML_lambdaS1_diceCEConsistency_perturbedView(nnUNetTrainerCAML_lambdaS1_diceCEConsistency):
+    """``_lambdaS1_diceCEConsistency`` with weak-to-strong consistency: the main network sees a photometrically
+    perturbed copy of each unlabeled patch (``perturbed_view``, :mod:`nnunetv2_caml.perturbed_views`)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.perturbed_view = True
 
 
 class nnUNetTrainerCAML_lambdaS1_ceConsistency_noCMA(nnUNetTrainerCAML_lambdaS1_ceConsistency):
@@ -202,3 +225,16 @@ class nnUNetTrainer_CAMLdemo(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _demo_schedule(self)
+
+
+# ----------------------------------------------------------------------------- labeled-only controls (stock nnU-Net)
+class nnUNetTrainer_strongIntensityAug(nnUNetTrainer):
+    """Stock nnU-Net on the labeled cases whose patches also get, with probability 0.5, the perturbation of
+    ``perturbed_view`` (:func:`~nnunetv2_caml.perturbed_views.strong_intensity_transforms`) after nnU-Net's own
+    augmentation: the labeled-only control that tells a gain from the perturbed view's unlabeled patches apart from
+    one of the stronger intensity augmentation alone."""
+
+    @staticmethod
+    def get_training_transforms(*args, **kwargs):
+        transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
+        return ComposeTransforms([transforms, RandomTransform(strong_intensity_transforms(), apply_probability=0.5)])

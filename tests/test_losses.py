@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nnunetv2_caml.losses import (mutual_consistency_loss, omni_correlation_consistency_loss,
-                                  omni_correlation_matrix, sharpen, sigmoid_rampup)
+                                  omni_correlation_matrix, sharpen, sigmoid_rampup, soft_dice_loss)
 
 
 def _random_probs(shape, seed=0, dtype=torch.float64):
@@ -183,6 +183,60 @@ def test_mutual_consistency_cross_entropy_corrects_confident_errors_where_mse_do
         grads[distance] = logits_main.grad.abs().max().item()
     assert grads["ce"] > 0.9
     assert grads["mse"] < 0.01
+
+
+def _np_foreground_dice(p: np.ndarray, t: np.ndarray, axes) -> np.ndarray:
+    """Reference soft Dice per foreground class (classes 1..), smooth 1e-5 as nnU-Net's."""
+    return ((2 * (p * t).sum(axes) + 1e-5) / (p.sum(axes) + t.sum(axes) + 1e-5))[..., 1:]
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_soft_dice_loss_hand_values(batch_dice):
+    # two samples, background + 2 foreground classes, 4 voxels
+    p = _random_probs((2, 3, 4), seed=3).numpy()
+    t = _np_sharpen(_random_probs((2, 3, 4), seed=4).numpy(), 0.3)
+    axes = (0, 2) if batch_dice else (2,)
+    expected = 1 - _np_foreground_dice(p, t, axes).mean()
+    assert soft_dice_loss(torch.from_numpy(p), torch.from_numpy(t), batch_dice).item() == \
+        pytest.approx(expected, rel=1e-12)
+
+
+def test_soft_dice_loss_of_equal_one_hot_maps_is_zero_and_ignores_background():
+    labels = torch.tensor([[0, 1, 1, 2, 0, 0]])
+    one_hot = torch.nn.functional.one_hot(labels, 3).permute(0, 2, 1).double()
+    assert soft_dice_loss(one_hot, one_hot).item() == pytest.approx(0.0, abs=1e-12)
+    # swapping background voxels for class 1 costs only class 1's Dice: background is not scored
+    wrong = one_hot.clone()
+    wrong[0, :, 0] = torch.tensor([0.0, 1.0, 0.0])
+    assert soft_dice_loss(wrong, one_hot).item() == pytest.approx(1 - (4 / 5 + 1) / 2, rel=1e-5)
+
+
+def test_mutual_consistency_dice_ce_is_ce_plus_dice_of_sharpened_targets():
+    pm, pa = _random_probs((2, 2, 3, 4), seed=5), _random_probs((2, 2, 3, 4), seed=6)
+    for batch_dice in (False, True):
+        loss = mutual_consistency_loss(pm, pa, temperature=0.1, detach_targets=True, distance="dice_ce",
+                                       batch_dice=batch_dice)
+        ce = mutual_consistency_loss(pm, pa, temperature=0.1, detach_targets=True, distance="ce")
+        tm, ta = _np_sharpen(pa.numpy(), 0.1), _np_sharpen(pm.numpy(), 0.1)
+        axes = (0, 2, 3) if batch_dice else (2, 3)
+        dice = sum(1 - _np_foreground_dice(p, t, axes).mean() for p, t in ((pm.numpy(), tm), (pa.numpy(), ta)))
+        assert loss.item() == pytest.approx(ce.item() + dice, rel=1e-9)
+
+
+def test_mutual_consistency_dice_ce_pulls_a_missed_small_structure_harder_than_ce():
+    # 1000 voxels, a 10-voxel structure the auxiliary network finds and the main network misses
+    logits_main = torch.zeros(1, 2, 1000, dtype=torch.float64)
+    logits_main[0, 0] = 4.0  # background everywhere, confidently
+    probs_aux = torch.full((1, 2, 1000), 0.02, dtype=torch.float64)
+    probs_aux[0, 0] = 0.98
+    probs_aux[0, :, :10] = torch.tensor([[0.02], [0.98]], dtype=torch.float64)
+    grads = {}
+    for distance in ("ce", "dice_ce"):
+        logits = logits_main.clone().requires_grad_(True)
+        mutual_consistency_loss(torch.softmax(logits, 1), probs_aux, detach_targets=True,
+                                distance=distance).backward()
+        grads[distance] = logits.grad[0, 1, :10].mean().item()  # descent raises the foreground logit there
+    assert grads["ce"] < 0 and grads["dice_ce"] < 2 * grads["ce"]  # the Dice term more than doubles the pull
 
 
 def test_mutual_consistency_rejects_unknown_distance():

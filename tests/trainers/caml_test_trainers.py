@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
-from nnunetv2_caml.variants import nnUNetTrainerCAML_lambdaS1_ceConsistency
+from nnunetv2_caml.variants import (nnUNetTrainerCAML_lambdaS1_ceConsistency,
+                                    nnUNetTrainerCAML_lambdaS1_diceCEConsistency_perturbedView)
 
 
 class nnUNetTrainerCAML_killTest(nnUNetTrainerCAML):
@@ -49,16 +50,30 @@ class nnUNetTrainerCAML_nanStopTest(nnUNetTrainerCAML):
         self.num_val_iterations_per_epoch = 1
 
 
+def _consistency_test_schedule(trainer: nnUNetTrainerCAML) -> None:
+    """2 x 4 steps with the consistency at full weight from the first step (ramp-up 0)."""
+    trainer.num_epochs = 2
+    trainer.num_iterations_per_epoch = 4
+    trainer.num_val_iterations_per_epoch = 1
+    trainer.rampup_fraction = 0.0
+
+
 class nnUNetTrainerCAML_ceTest(nnUNetTrainerCAML_lambdaS1_ceConsistency):
-    """The cross-entropy consistency variant on a 2 x 4-step schedule."""
+    """The cross-entropy consistency variant on the consistency tests' schedule."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 4
-        self.num_val_iterations_per_epoch = 1
-        self.rampup_fraction = 0.0  # consistency at full weight from the first step
+        _consistency_test_schedule(self)
+
+
+class nnUNetTrainerCAML_perturbedViewTest(nnUNetTrainerCAML_lambdaS1_diceCEConsistency_perturbedView):
+    """The Dice+CE consistency variant with the perturbed view, on the consistency tests' schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _consistency_test_schedule(self)
 
 
 class nnUNetTrainerCAML_compileOnCPU(nnUNetTrainerCAML):
