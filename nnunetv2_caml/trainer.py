@@ -72,14 +72,15 @@ class nnUNetTrainerCAML(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        # --- the paper's defaults (Gao et al., MICCAI 2023); docs/method.md lists each with its meaning ---
-        self.lambda_s = 0.5                     # weight of the supervised loss of each network
+        # --- CAML's settings: the paper's (Gao et al., MICCAI 2023) except where marked; nnUNetTrainerCAML_paper has
+        # the paper's loss exactly. docs/method.md lists each with its meaning and why it differs.
+        self.lambda_s = 1.0                     # weight of the supervised loss of each network (paper: 0.5)
         self.lambda_c = 1.0                     # max weight of the mutual consistency loss
         self.lambda_o = 0.05                    # max weight of the omni-correlation consistency loss
         self.rampup_fraction = 0.2              # ramp-up length as a fraction of all training iterations (nnU-Net)
         self.sharpen_temperature = 0.1          # T of the sharpening
-        self.consistency_distance = "mse"       # L_c's distance: "mse" (paper), "ce" or "dice_ce" (nnU-Net's scale)
-        self.detach_sharpened_targets = False   # the paper's code lets gradients flow through sharpened targets
+        self.consistency_distance = "dice_ce"   # L_c's distance: nnU-Net's Dice + CE (paper: "mse"; also "ce")
+        self.detach_sharpened_targets = True    # sharpened targets as pseudo-labels (the paper's code: False)
         self.use_cma = True                     # Cross-sample Mutual Attention in the auxiliary encoder
         self.cma_stage = -2                     # encoder stage whose output CMA attends (-2: above the bottleneck)
         self.cma_num_heads = 4
@@ -90,7 +91,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.memory_per_class = 256             # memory entries sampled per class and step
         self.memory_entries_per_case = 4096     # stored per labeled case and class (nnU-Net patches are large)
         self.unlabeled_batch_size = None        # None: as many unlabeled as labeled patches (nnU-Net); all GPUs' total
-        self.perturbed_view = False             # main network sees a photometrically perturbed copy of unlabeled patches
+        self.perturbed_view = True              # the main network sees a perturbed copy of the unlabeled patches (paper: no)
         self.max_consecutive_nonfinite_steps = 10  # skipped NaN/inf steps in a row that stop the run
 
         self.auxiliary_network = None

@@ -1,6 +1,9 @@
 """nnU-Net-style variants of ``nnUNetTrainerCAML``: each changes one thing, and its name is the experiment's name.
 
-Ablations of the paper's components, and shorter schedules (``-tr nnUNetTrainerCAML_250epochs``).
+``nnUNetTrainerCAML_paper`` has the paper's loss exactly; the variants named after a loss change (``_lambdaS1``,
+``_ceConsistency``, ...) start from it and record the way from the paper's loss to the default (README, gain
+benchmark). The ablations (``_noCMA``, ``_noOCC``, ``_noPerturbedView``, ...) and the schedules start from the
+default. ``nnUNetTrainer_strongIntensityAug`` is stock nnU-Net, a labeled-only control for the gain benchmark.
 """
 import torch
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
@@ -11,7 +14,7 @@ from nnunetv2_caml.perturbed_views import strong_intensity_transforms
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
 
 
-# ----------------------------------------------------------------------------- ablations (paper, Table 3)
+# ----------------------------------------------------------------------------- ablations of the default (paper, Table 3)
 class nnUNetTrainerCAML_noCMA(nnUNetTrainerCAML):
     """No Cross-sample Mutual Attention in the auxiliary encoder."""
 
@@ -40,8 +43,32 @@ class nnUNetTrainerCAML_noCMA_noOCC(nnUNetTrainerCAML):
         self.use_occ = False
 
 
-class nnUNetTrainerCAML_detachTargets(nnUNetTrainerCAML):
-    """Mutual consistency with stop-gradient on the sharpened targets."""
+class nnUNetTrainerCAML_noPerturbedView(nnUNetTrainerCAML):
+    """Both networks see the same unlabeled patches, as in the paper (no ``perturbed_view``)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.perturbed_view = False
+
+
+# ----------------------------------------------------------------------------- the paper's loss, and the way from it
+class nnUNetTrainerCAML_paper(nnUNetTrainerCAML):
+    """The paper's loss exactly: each network's supervised loss at weight 0.5, the mutual consistency as the MSE to
+    the other network's sharpened prediction with gradients through that target (as the paper's code), both networks
+    on the same unlabeled patches. Everything else (CMA, OCC, ramp-up, nnU-Net's pipeline) as the default."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lambda_s = 0.5
+        self.consistency_distance = "mse"
+        self.detach_sharpened_targets = False
+        self.perturbed_view = False
+
+
+class nnUNetTrainerCAML_detachTargets(nnUNetTrainerCAML_paper):
+    """The paper's loss with stop-gradient on the sharpened targets."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -49,9 +76,9 @@ class nnUNetTrainerCAML_detachTargets(nnUNetTrainerCAML):
         self.detach_sharpened_targets = True
 
 
-# ----------------------------------------------------------------------------- loss weights against nnU-Net's Dice+CE
-class nnUNetTrainerCAML_lambdaS1(nnUNetTrainerCAML):
-    """Each network's supervised loss at full weight (``lambda_s = 1``, as stock nnU-Net trains it); paper: 0.5."""
+class nnUNetTrainerCAML_lambdaS1(nnUNetTrainerCAML_paper):
+    """The paper's loss with each network's supervised loss at full weight (``lambda_s = 1``, as stock nnU-Net
+    trains it); paper: 0.5."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -59,21 +86,20 @@ class nnUNetTrainerCAML_lambdaS1(nnUNetTrainerCAML):
         self.lambda_s = 1.0
 
 
-class nnUNetTrainerCAML_lambdaS1_lambdaC10(nnUNetTrainerCAML):
-    """``lambda_s = 1`` and a mutual consistency weight ``lambda_c = 10`` (paper: 0.5 and 1): ``L_c`` is about 0.02
-    under nnU-Net's Dice+CE, so at weight 1 it barely moves either network."""
+class nnUNetTrainerCAML_lambdaS1_lambdaC10(nnUNetTrainerCAML_lambdaS1):
+    """``_lambdaS1`` and a mutual consistency weight ``lambda_c = 10`` (paper: 1): the MSE ``L_c`` is about 0.02 under
+    nnU-Net's Dice+CE, so at weight 1 it barely moves either network."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.lambda_s = 1.0
         self.lambda_c = 10.0
 
 
-class nnUNetTrainerCAML_ceConsistency(nnUNetTrainerCAML):
-    """Mutual consistency as the cross-entropy of each network against the other's sharpened prediction, targets
-    detached (soft pseudo-labels; paper: MSE with gradients through the targets). On the scale of nnU-Net's own CE,
-    and its gradient does not vanish where a network is confidently wrong."""
+class nnUNetTrainerCAML_ceConsistency(nnUNetTrainerCAML_paper):
+    """The paper's loss with the mutual consistency as the cross-entropy of each network against the other's
+    sharpened prediction, targets detached (soft pseudo-labels; paper: MSE with gradients through the targets). On
+    the scale of nnU-Net's own CE, and its gradient does not vanish where a network is confidently wrong."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -93,7 +119,8 @@ class nnUNetTrainerCAML_lambdaS1_ceConsistency(nnUNetTrainerCAML_ceConsistency):
 
 class nnUNetTrainerCAML_lambdaS1_diceCEConsistency(nnUNetTrainerCAML_lambdaS1_ceConsistency):
     """``_lambdaS1_ceConsistency`` with nnU-Net's Dice + cross-entropy as the consistency distance: each network is
-    trained on the other's sharpened prediction as nnU-Net trains on a label (soft Dice over the foreground plus CE)."""
+    trained on the other's sharpened prediction as nnU-Net trains on a label (soft Dice over the foreground plus CE).
+    The same settings as ``_noPerturbedView``."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -102,8 +129,7 @@ class nnUNetTrainerCAML_lambdaS1_diceCEConsistency(nnUNetTrainerCAML_lambdaS1_ce
 
 
 class nnUNetTrainerCAML_lambdaS1_diceCEConsistency_perturbedView(nnUNetTrainerCAML_lambdaS1_diceCEConsistency):
-    """``_lambdaS1_diceCEConsistency`` with weak-to-strong consistency: the main network sees a photometrically
-    perturbed copy of each unlabeled patch (``perturbed_view``, :mod:`nnunetv2_caml.perturbed_views`)."""
+    """``_lambdaS1_diceCEConsistency`` with the perturbed view: the default's settings, reached from the paper's."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

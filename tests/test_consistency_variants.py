@@ -1,5 +1,5 @@
-"""The consistency variants (cross-entropy; Dice + cross-entropy with the perturbed view), trained through
-``nnUNetv2_train`` on the tiny dataset."""
+"""The mutual consistency settings of the default, the cross-entropy variant and the paper's loss, each trained
+through ``nnUNetv2_train`` on the tiny dataset and recorded in the log and the checkpoint."""
 
 import numpy as np
 import pytest
@@ -8,23 +8,25 @@ import torch
 from conftest import EXT_TRAINERS_WITH_TESTS, run_cli
 
 
-@pytest.mark.parametrize("trainer, distance, perturbed_view", [
-    ("nnUNetTrainerCAML_ceTest", "ce", False),
-    ("nnUNetTrainerCAML_perturbedViewTest", "dice_ce", True),
+@pytest.mark.parametrize("trainer, expected", [
+    ("nnUNetTrainerCAML_consistencyTest",  # the default
+     {"lambda_s": 1.0, "consistency_distance": "dice_ce", "detach_sharpened_targets": True, "perturbed_view": True}),
+    ("nnUNetTrainerCAML_ceTest",
+     {"lambda_s": 1.0, "consistency_distance": "ce", "detach_sharpened_targets": True, "perturbed_view": False}),
+    ("nnUNetTrainerCAML_paperTest",
+     {"lambda_s": 0.5, "consistency_distance": "mse", "detach_sharpened_targets": False, "perturbed_view": False}),
 ])
-def test_consistency_variant_trains_and_is_recorded(caml_dataset, trainer, distance, perturbed_view):
+def test_consistency_settings_train_and_are_recorded(caml_dataset, trainer, expected):
     d = caml_dataset
     env = {**d["env"], "nnUNet_extTrainer": EXT_TRAINERS_WITH_TESTS}
     result = run_cli(["nnUNetv2_train", d["dataset_id"], d["configuration"], "all", "-tr", trainer, "-device", "cpu"],
                      env)
-    assert (f"consistency_distance={distance}" in result.stdout and "detach_sharpened_targets=True" in result.stdout
-            and f"perturbed_view={perturbed_view}" in result.stdout)
+    settings_line = next(line for line in result.stdout.splitlines() if "CAML settings:" in line)
+    assert all(f"{k}={v}" in settings_line for k, v in expected.items())
     output = (d["root"] / "nnUNet_results" / d["dataset_name"] / f"{trainer}__nnUNetPlans__{d['configuration']}" /
               "fold_all")
     checkpoint = torch.load(output / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    settings = checkpoint["caml_settings"]
-    assert settings["consistency_distance"] == distance and settings["lambda_s"] == 1.0
-    assert settings["perturbed_view"] is perturbed_view
+    assert {k: checkpoint["caml_settings"][k] for k in expected} == expected
     consistency = np.asarray(checkpoint["logging"]["caml_loss_consistency"])
     lambda_c = np.asarray(checkpoint["logging"]["caml_lambda_c"])
     # ramp-up 0: at full weight from the first step

@@ -170,7 +170,7 @@ def test_checkpoint_of_main_network_only_validates_but_does_not_resume(caml_data
 def test_resume_logs_the_settings_in_force(killed_run):
     resumed = [r["log"] for r in killed_run["rounds"] if "CAML: loaded" in r["log"] and "in force" in r["log"]]
     assert resumed
-    assert "CAML settings in force: lambda_s=0.5" in resumed[-1] and "max_consecutive_nonfinite_steps=10" in resumed[-1]
+    assert "CAML settings in force: lambda_s=1.0" in resumed[-1] and "max_consecutive_nonfinite_steps=10" in resumed[-1]
 
 
 # ---------------------------------------------------------------- stale unlabeled data

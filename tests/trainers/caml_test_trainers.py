@@ -11,8 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
-from nnunetv2_caml.variants import (nnUNetTrainerCAML_lambdaS1_ceConsistency,
-                                    nnUNetTrainerCAML_lambdaS1_diceCEConsistency_perturbedView)
+from nnunetv2_caml.variants import nnUNetTrainerCAML_lambdaS1_ceConsistency, nnUNetTrainerCAML_paper
 
 
 class nnUNetTrainerCAML_killTest(nnUNetTrainerCAML):
@@ -67,8 +66,17 @@ class nnUNetTrainerCAML_ceTest(nnUNetTrainerCAML_lambdaS1_ceConsistency):
         _consistency_test_schedule(self)
 
 
-class nnUNetTrainerCAML_perturbedViewTest(nnUNetTrainerCAML_lambdaS1_diceCEConsistency_perturbedView):
-    """The Dice+CE consistency variant with the perturbed view, on the consistency tests' schedule."""
+class nnUNetTrainerCAML_consistencyTest(nnUNetTrainerCAML):
+    """The default (Dice + CE consistency, perturbed view) on the consistency tests' schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _consistency_test_schedule(self)
+
+
+class nnUNetTrainerCAML_paperTest(nnUNetTrainerCAML_paper):
+    """The paper's loss on the consistency tests' schedule."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
