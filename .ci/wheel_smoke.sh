@@ -33,12 +33,12 @@ nnUNetv2_caml_demo --workdir caml_demo --no-baseline > demo.log 2>&1 || { tail -
 grep "mean" demo.log | tail -2
 export nnUNet_raw=$PWD/caml_demo/nnUNet_raw nnUNet_preprocessed=$PWD/caml_demo/nnUNet_preprocessed \
        nnUNet_results=$PWD/caml_demo/nnUNet_results
-raw=$(ls -d "$nnUNet_raw"/Dataset501_*)
+raw=$(ls -d "$nnUNet_raw"/Dataset502_*)
 
 echo "[wheel] nnUNetv2_caml_preprocess_unlabeled, nnUNetv2_train, nnUNetv2_predict, nnUNetv2_caml_evaluate"
-nnUNetv2_caml_preprocess_unlabeled -d 501 -c 3d_fullres -np 1 | grep "already finished"
-nnUNetv2_train 501 3d_cpu all -tr nnUNetTrainerCAML_tiny -device cpu > train.log 2>&1 || { tail -40 train.log; exit 1; }
-nnUNetv2_predict -i "$raw/imagesTs" -o predictions -d 501 -c 3d_cpu -f all -tr nnUNetTrainerCAML_tiny \
+nnUNetv2_caml_preprocess_unlabeled -d 502 -c 3d_fullres -np 1 | grep "already finished"
+nnUNetv2_train 502 3d_cpu all -tr nnUNetTrainerCAML_tiny -device cpu > train.log 2>&1 || { tail -40 train.log; exit 1; }
+nnUNetv2_predict -i "$raw/imagesTs" -o predictions -d 502 -c 3d_cpu -f all -tr nnUNetTrainerCAML_tiny \
   -chk checkpoint_final.pth -device cpu --disable_tta -npp 1 -nps 1 > predict.log 2>&1 || { tail -40 predict.log; exit 1; }
 nnUNetv2_caml_evaluate -ref "$raw/labelsTs" -pred predictions -o summary.json | tail -2
 test -s summary.json

@@ -1,4 +1,4 @@
-"""Perturbed views of the unlabeled patches: weak-to-strong mutual consistency (an addition to CAML, off by default).
+"""Perturbed views of the unlabeled patches: weak-to-strong mutual consistency (an addition to CAML, on by default).
 
 In CAML both networks see the same unlabeled patch, so after nnU-Net's augmentation they can agree simply by
 making the same mistakes. With ``perturbed_view`` on, the main network sees a photometrically perturbed copy of each
@@ -57,3 +57,4 @@ class UnlabeledDataLoaderWithPerturbedView(nnUNetDataLoader):
             batch["data_perturbed"] = torch.stack([self.perturbation(image=patch.clone())["image"]
                                                    for patch in batch["data"]])
         return batch
+

@@ -230,8 +230,8 @@ class nnUNetTrainerCAML_tiny(nnUNetTrainerCAML):
 
 def _demo_schedule(trainer: nnUNetTrainer) -> None:
     """The schedule of ``nnUNetv2_caml_demo``: a few minutes on 2 CPU cores with the demo's small configuration."""
-    trainer.num_epochs = 10
-    trainer.num_iterations_per_epoch = 20
+    trainer.num_epochs = 12
+    trainer.num_iterations_per_epoch = 50
     trainer.num_val_iterations_per_epoch = 2
 
 
