@@ -57,4 +57,3 @@ class UnlabeledDataLoaderWithPerturbedView(nnUNetDataLoader):
             batch["data_perturbed"] = torch.stack([self.perturbation(image=patch.clone())["image"]
                                                    for patch in batch["data"]])
         return batch
-
