@@ -22,8 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nnunetv2_caml.losses import (most_confident_per_class, omni_correlation_consistency_loss,
-                                  omni_correlation_matrix)
+from nnunetv2_caml.losses import correlation_columns, most_confident_per_class, omni_correlation_consistency
 from nnunetv2_caml.memory_bank import LabeledMemoryBank
 
 
@@ -106,19 +105,14 @@ class OmniCorrelationConsistency(nn.Module):
         agree = (label_main == label_aux).flatten()
         confidence, pseudo_label = confidence.flatten()[agree], label_main.flatten()[agree]
         rows = most_confident_per_class(confidence, pseudo_label, self.num_classes, self.top_k)
-        memory = self.memory_bank.sample(self.memory_per_class)
-        if rows.numel() == 0 or all(m is None for m in memory):
+        memory = correlation_columns(self.memory_bank.sample(self.memory_per_class))
+        if rows.numel() == 0 or memory is None:
             return features_main.new_zeros(())
-        confidence, pseudo_label = confidence[rows], pseudo_label[rows]
+        # the rows of both networks' omni-correlation matrices: the selected voxels (their order does not matter)
         selected = torch.nonzero(agree, as_tuple=True)[0][rows]
-        corr = []
-        for features, projection, prediction in ((features_main, self.projection_main, self.prediction_main),
-                                                 (features_aux, self.projection_aux, self.prediction_aux)):
-            embeddings = prediction(projection(gather_voxels(features, selected).float()))
-            corr.append(omni_correlation_matrix(embeddings, confidence, pseudo_label, memory, self.temperature,
-                                                self.top_k))
-        corr_main, corr_aux = corr
-        if corr_main is None:
-            return features_main.new_zeros(())
-        return omni_correlation_consistency_loss(corr_aux, corr_main)
-
+        embeddings_main, embeddings_aux = (
+            prediction(projection(gather_voxels(features, selected).float()))
+            for features, projection, prediction in ((features_main, self.projection_main, self.prediction_main),
+                                                     (features_aux, self.projection_aux, self.prediction_aux)))
+        # the auxiliary network's matrix is the target, the main network's the prediction
+        return omni_correlation_consistency(embeddings_aux, embeddings_main, memory, self.temperature)

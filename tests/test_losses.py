@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_caml.losses import (mutual_consistency_loss, omni_correlation_consistency_loss,
-                                  omni_correlation_matrix, sharpen, sigmoid_rampup, soft_dice_loss)
+from nnunetv2_caml.losses import (correlation_columns, mutual_consistency_loss, omni_correlation_consistency,
+                                  omni_correlation_consistency_loss, omni_correlation_matrix, sharpen, sigmoid_rampup,
+                                  soft_dice_loss)
 
 
 def _random_probs(shape, seed=0, dtype=torch.float64):
@@ -389,3 +390,36 @@ def test_omni_correlation_consistency_loss_entropy_when_equal():
 def test_omni_correlation_consistency_loss_shape_mismatch_raises():
     with pytest.raises(ValueError):
         omni_correlation_consistency_loss(torch.full((3, 4), 0.25), torch.full((3, 5), 0.2))
+
+
+@pytest.mark.parametrize("rows_per_block", [None, 1, 7, 64, 1000])
+def test_blockwise_omni_correlation_consistency_equals_the_papers_form(rows_per_block):
+    # value and both gradients of the blockwise L_o equal L_o on the whole softmax matrices; temperature 0.1 with
+    # widely spread embeddings puts many correlations below the loss's 1e-8, where log(C + 1e-8) saturates
+    g = torch.Generator().manual_seed(4)
+    target = (3 * torch.randn(150, 8, generator=g, dtype=torch.float64)).requires_grad_(True)
+    pred = (3 * torch.randn(150, 8, generator=g, dtype=torch.float64)).requires_grad_(True)
+    memory = [torch.randn(20, 8, generator=g, dtype=torch.float64), None,
+              torch.randn(1, 8, generator=g, dtype=torch.float64), torch.randn(13, 8, generator=g, dtype=torch.float64)]
+    columns = correlation_columns(memory)
+    assert columns.shape == (33, 8)  # the class with one entry and the empty one contribute no column
+    corr = [torch.softmax(e @ columns.T / 0.1, 1) for e in (target, pred)]
+    assert (corr[1] < 1e-8).float().mean() > 0.1
+    reference = omni_correlation_consistency_loss(*corr)
+    reference_grads = torch.autograd.grad(reference, (target, pred))
+    loss = omni_correlation_consistency(target, pred, columns, 0.1, rows_per_block)
+    grads = torch.autograd.grad(3 * loss, (target, pred))
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=0)
+    for got, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(got, 3 * expected, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(omni_correlation_consistency(target, pred, columns, 0.1, rows_per_block), reference)
+
+
+def test_blockwise_omni_correlation_consistency_takes_the_bank_as_a_constant():
+    g = torch.Generator().manual_seed(5)
+    embeddings = torch.randn(10, 4, generator=g, requires_grad=True)
+    memory = torch.randn(6, 4, generator=g, requires_grad=True)
+    omni_correlation_consistency(embeddings, embeddings * 2, memory, 0.1).backward()
+    assert memory.grad is None and embeddings.grad.abs().sum() > 0
+    assert correlation_columns([None, torch.zeros(1, 4)]) is None
