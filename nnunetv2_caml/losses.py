@@ -144,6 +144,10 @@ def omni_correlation_matrix(features: torch.Tensor, confidence: torch.Tensor, ps
     return torch.softmax(features[rows] @ (memory_matrix.T / temperature), dim=1)
 
 
+#: added to the predicted correlations inside ``L_o``'s log (the paper's code), in both forms of ``L_o``
+OMNI_CORRELATION_LOG_EPSILON = 1e-8
+
+
 def omni_correlation_consistency_loss(corr_target: torch.Tensor, corr_pred: torch.Tensor) -> torch.Tensor:
     """``L_o = sum_rows sum_cols(-C_target * log(C_pred + 1e-8)) / rows``: cross-entropy between correlation rows.
 
@@ -152,7 +156,7 @@ def omni_correlation_consistency_loss(corr_target: torch.Tensor, corr_pred: torc
     if corr_target.shape != corr_pred.shape:
         raise ValueError(f"correlation matrices differ in shape: {tuple(corr_target.shape)} vs "
                          f"{tuple(corr_pred.shape)}")
-    return -torch.sum(corr_target * torch.log(corr_pred + 1e-8)) / corr_target.shape[0]
+    return -torch.sum(corr_target * torch.log(corr_pred + OMNI_CORRELATION_LOG_EPSILON)) / corr_target.shape[0]
 
 
 def omni_correlation_consistency(embeddings_target: torch.Tensor, embeddings_pred: torch.Tensor,
@@ -198,16 +202,15 @@ class _BlockwiseOmniCorrelationCrossEntropy(torch.autograd.Function):
             block = slice(start, start + rows_per_block)
             c_target = torch.softmax(emb_target[block] @ scaled_memory_t, 1)
             c_pred = torch.softmax(emb_pred[block] @ scaled_memory_t, 1)
-            if not need_gradients:
-                total += torch.dot(c_target.view(-1), c_pred.add_(1e-8).log_().view(-1))
-                continue
-            d = c_pred + 1e-8
-            a = c_target / d
-            grad_pred[block] = c_pred.mul_(a.sub_(_row_dot(c_pred, a))) @ scaled_memory_t.T
+            d = c_pred + OMNI_CORRELATION_LOG_EPSILON
+            if need_gradients:
+                a = c_target / d
+                grad_pred[block] = c_pred.mul_(a.sub_(_row_dot(c_pred, a))) @ scaled_memory_t.T
             log_d = d.log_()
             row_sums = _row_dot(c_target, log_d)  # this block's rows of sum(C_t * log d)
             total += row_sums.sum()
-            grad_target[block] = c_target.mul_(log_d.sub_(row_sums)) @ scaled_memory_t.T
+            if need_gradients:
+                grad_target[block] = c_target.mul_(log_d.sub_(row_sums)) @ scaled_memory_t.T
         ctx.rows = emb_target.shape[0]
         ctx.save_for_backward(grad_target, grad_pred)
         return -total / ctx.rows
