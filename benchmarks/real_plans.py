@@ -5,11 +5,12 @@
 * ``atrium``: 88x144x144 voxels at 0.625 mm (the cropped LA 2018 scans the semi-supervised papers use), id 721;
 * ``vessel``: 200x512x512 voxels at 0.5x0.4x0.4 mm (CT like ImageCAS or Parse 2022), id 722.
 
-Images come from the package's synthetic generator (4 labeled and 2 unlabeled scans). The patch depends on the image
-size and spacing, not on the number of scans; the batch is capped by nnU-Net at 5 % of the dataset's voxels, which
-with so few scans keeps it at nnU-Net's minimum of 2 even where a larger ``-gpu_memory_target`` would allow more. ``nnUNetv2_plan_and_preprocess`` plans and preprocesses 3d_fullres
-with nnU-Net's default plans (``nnUNetPlans``, planned for nnU-Net's default GPU memory target) and, for each
-``--gpu_memory_target T``, plans ``nnUNetPlans_T_GB`` made with nnU-Net's own ``-gpu_memory_target T``;
+Images come from the package's synthetic generator (atrium: 4 labeled and 2 unlabeled scans; vessel: 2 and 1, each
+takes half a minute to write). The patch depends on the image size and spacing, not on the number of scans; the batch
+is capped by nnU-Net at 5 % of the dataset's voxels, which with so few scans keeps it at nnU-Net's minimum of 2 even
+where a larger ``-gpu_memory_target`` would allow more. ``nnUNetv2_plan_and_preprocess`` plans and preprocesses
+3d_fullres with nnU-Net's default plans (``nnUNetPlans``, planned for nnU-Net's default GPU memory target) and, for
+each ``--gpu_memory_target T``, plans ``nnUNetPlans_T_GB`` made with nnU-Net's own ``-gpu_memory_target T``;
 ``nnUNetv2_caml_preprocess_unlabeled`` preprocesses the unlabeled scans for each. Prints the environment to use and,
 per plans, the 3d_fullres patch size, batch size and network. Work already done in ``--workdir`` is kept.
 """
@@ -21,8 +22,10 @@ import sys
 
 from nnunetv2_caml.demo.synthetic import dataset_name, generate_dataset
 
-SIZES = {"atrium": dict(dataset_id=721, task="atrium", shape=(88, 144, 144), spacing=(0.625, 0.625, 0.625)),
-         "vessel": dict(dataset_id=722, task="vessel", shape=(200, 512, 512), spacing=(0.5, 0.4, 0.4))}
+SIZES = {"atrium": dict(dataset_id=721, task="atrium", shape=(88, 144, 144), spacing=(0.625, 0.625, 0.625),
+                        num_labeled=4, num_unlabeled=2),
+         "vessel": dict(dataset_id=722, task="vessel", shape=(200, 512, 512), spacing=(0.5, 0.4, 0.4),
+                        num_labeled=2, num_unlabeled=1)}
 
 
 def plans_name(gpu_memory_target) -> str:
@@ -51,8 +54,9 @@ def main() -> None:
            "nnUNet_n_proc_DA": str(max(1, int(os.environ.get("nnUNet_n_proc_DA") or 1)))}
     name = dataset_name(size["dataset_id"], size["task"])
     if not os.path.isdir(os.path.join(env["nnUNet_raw"], name)):
-        generate_dataset(env["nnUNet_raw"], size["dataset_id"], task=size["task"], num_labeled=4, num_unlabeled=2,
-                         num_test=0, shape=size["shape"], spacing=size["spacing"], seed=0)
+        generate_dataset(env["nnUNet_raw"], size["dataset_id"], task=size["task"], num_labeled=size["num_labeled"],
+                         num_unlabeled=size["num_unlabeled"], num_test=0, shape=size["shape"],
+                         spacing=size["spacing"], seed=0)
     preprocessed = os.path.join(env["nnUNet_preprocessed"], name)
     summary = []
     for target in [None, *args.gpu_memory_target]:

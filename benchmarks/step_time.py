@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py -d 501 -c 3d_cpu [-f all] [-p nnUNetPlans] [-n 20] [--warmup 3]
         [-device cpu|cuda] [-tr nnUNetTrainer nnUNetTrainerCAML nnUNetTrainerCAML_noCMA nnUNetTrainerCAML_noOCC]
+        [--profile N]
 
 Needs a planned dataset with preprocessed unlabeled data (``nnUNetv2_caml_preprocess_unlabeled``) and
 ``nnUNet_extTrainer`` pointing at this repository's ``trainers/``. Each trainer is built the way ``nnUNetv2_train``
@@ -14,7 +15,9 @@ Prints, per trainer: median and mean s/step, the ratio to the first trainer (sto
 floor (4 x the first trainer's step: two networks on a doubled batch) and the peak GPU memory of a step: allocated
 by tensors (the trainer's own; what earlier trainers in the process left allocated is not counted) and reserved by
 PyTorch's caching allocator (what the card must hold, without the CUDA context). A trainer that runs out of GPU memory
-is reported as such.
+is reported as such. ``--profile N`` then runs N more steps per trainer under torch.profiler and prints where the time
+goes: the top operations, CAML's named parts of the step (networks, losses, OCC, backward, optimizer) and how busy the
+device was.
 """
 import argparse
 import gc
@@ -26,8 +29,38 @@ import numpy as np
 import torch
 
 
+def profile_steps(trainer, batches: list, cuda: bool) -> str:
+    """``train_step`` on ``batches`` under torch.profiler: the top operations by own time, then each part of the step
+    the trainer names with ``record_function`` (CAML's: networks, losses, OCC, backward, optimizer) with its host and
+    device time per step, and how much of the profiled wall time the device spent in kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            trainer.train_step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / len(batches)
+    averages = prof.key_averages()
+    own = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines = [averages.table(sort_by=own, row_limit=25)]
+    n = len(batches)
+    regions = sorted((e for e in averages if e.key.startswith("CAML ")), key=lambda e: -e.cpu_time_total)
+    if regions:
+        lines.append(f"{'part of the step':28s} {'host ms/step':>13s}" + (f" {'device ms/step':>15s}" if cuda else ""))
+        lines += [f"{e.key:28s} {e.cpu_time_total / 1e3 / n:13.2f}" +
+                  (f" {getattr(e, 'device_time_total', 0) / 1e3 / n:15.2f}" if cuda else "") for e in regions]
+    if cuda:
+        kernels_ms = sum(getattr(e, own, 0) for e in averages) / 1e3 / n
+        lines.append(f"device kernels {kernels_ms:.1f} ms per step of {wall_ms:.1f} ms profiled wall time "
+                     f"({kernels_ms / wall_ms:.0%} busy; the rest is the device waiting for the host)")
+    return "\n".join(lines)
+
+
 def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, device: torch.device, steps: int,
-                 warmup: int, plans: str = "nnUNetPlans") -> dict:
+                 warmup: int, plans: str = "nnUNetPlans", profile: int = 0) -> dict:
     from nnunetv2.run.run_training import get_trainer_from_args
 
     cuda = device.type == "cuda"
@@ -38,29 +71,33 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
     trainer = get_trainer_from_args(dataset, configuration, fold, trainer_name, plans, device=device)
     trainer.on_train_start()
     trainer.on_train_epoch_start()
-    batches = [next(trainer.dataloader_train) for _ in range(warmup + steps)]
+    batches = [next(trainer.dataloader_train) for _ in range(warmup + steps + profile)]
     unlabeled = getattr(trainer, "dataloader_unlabeled", None)
     if unlabeled is not None:  # CAML draws its unlabeled batch inside train_step: load those beforehand as well
-        trainer.dataloader_unlabeled = iter([next(unlabeled) for _ in range(warmup + steps)])
-    times, out_of_memory = [], False
+        trainer.dataloader_unlabeled = iter([next(unlabeled) for _ in range(len(batches))])
+    times, out_of_memory, report = [], False, None
+    peak = reserved = torch.cuda.max_memory_allocated() if cuda else 0
     try:
         for batch in batches[:warmup]:
             trainer.train_step(batch)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        for batch in batches[warmup:]:
+        for batch in batches[warmup:warmup + steps]:
             start = time.perf_counter()
             trainer.train_step(batch)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() if cuda else 0
+        reserved = torch.cuda.max_memory_reserved() if cuda else 0
+        report = profile_steps(trainer, batches[warmup + steps:], cuda) if profile else None
     except torch.OutOfMemoryError:  # a finding for these plans, not a failure of the benchmark
         out_of_memory = True
     row = {"trainer": trainer_name, "median_s": float(np.median(times)) if times else float("nan"),
            "mean_s": float(np.mean(times)) if times else float("nan"), "out_of_memory": out_of_memory,
-           "peak_gib": (torch.cuda.max_memory_allocated() - allocated_before) / 2 ** 30 if cuda else float("nan"),
-           "reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else float("nan"),
+           "peak_gib": (peak - allocated_before) / 2 ** 30 if cuda else float("nan"),
+           "reserved_gib": reserved / 2 ** 30 if cuda else float("nan"), "profile": report,
            "batch": trainer.configuration_manager.batch_size, "patch": trainer.configuration_manager.patch_size}
     if unlabeled is not None:
         trainer.dataloader_unlabeled = unlabeled  # so that on_train_end shuts its workers down
@@ -82,13 +119,16 @@ def main():
     parser.add_argument("-n", type=int, default=20, help="timed steps per trainer")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timed steps, run N more under torch.profiler and print, per trainer, the top "
+                             "operations and the time of each named part of the step (default: 0, no profile)")
     args = parser.parse_args()
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="caml_step_time_")
     fold = args.f if args.f == "all" else int(args.f)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    rows = [time_trainer(t, args.d, args.c, fold, device, args.n, args.warmup, args.p) for t in args.tr]
+    rows = [time_trainer(t, args.d, args.c, fold, device, args.n, args.warmup, args.p, args.profile) for t in args.tr]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"\ndevice {device} ({name}), torch {torch.__version__}, plans {args.p} {args.c}, batch {rows[0]['batch']} "
           f"(+ as many unlabeled for CAML), patch {rows[0]['patch']}, {args.n} timed steps after {args.warmup} "
@@ -101,6 +141,11 @@ def main():
         print(f"{row['trainer']:36s} {row['median_s']:14.3f} {row['mean_s']:12.3f} "
               f"{row['median_s'] / rows[0]['median_s']:8.2f} {row['median_s'] / (4 * rows[0]['median_s']):10.2f} "
               f"{memory}")
+
+    for row in rows:
+        if row["profile"]:
+            print(f"\n== profile of {row['trainer']}, {args.profile} steps (the profiler's own overhead included)\n"
+                  f"{row['profile']}")
 
 
 if __name__ == "__main__":

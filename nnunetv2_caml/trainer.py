@@ -36,6 +36,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from torch import autocast, nn
+from torch.profiler import record_function
 
 from nnunetv2_caml.checkpoints import (CHECKPOINT_AUXILIARY_NETWORK, CHECKPOINT_MEMORY_BANK, CHECKPOINT_OCC_HEADS,
                                        CHECKPOINT_SETTINGS, CAMLCheckpointError, caml_state_digest, has_caml_state,
@@ -261,22 +262,27 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             if self.use_occ else None
 
         self.optimizer.zero_grad(set_to_none=True)
+        # record_function names the parts of a step in a torch.profiler trace (benchmarks/step_time.py --profile)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output_main = self.network(data_main)
-            features_main = self._features_main.pop()
-            output_aux = self.auxiliary_network(data)
-            features_aux = self._features_aux.pop()
-
-            loss_sup_main = self.loss(_labeled(output_main, num_labeled), target)
-            loss_sup_aux = self.loss(_labeled(output_aux, num_labeled), target)
+            with record_function("CAML main network"):
+                output_main = self.network(data_main)
+                features_main = self._features_main.pop()
+            with record_function("CAML auxiliary network"):
+                output_aux = self.auxiliary_network(data)
+                features_aux = self._features_aux.pop()
+            with record_function("CAML supervised loss"):
+                loss_sup_main = self.loss(_labeled(output_main, num_labeled), target)
+                loss_sup_aux = self.loss(_labeled(output_aux, num_labeled), target)
         # the semi-supervised terms are computed in float32 (sharpening with T=0.1 and tau=0.1 overflow fp16)
-        probs_main = torch.softmax(_full_resolution(output_main).float(), 1)
-        probs_aux = torch.softmax(_full_resolution(output_aux).float(), 1)
-        loss_consistency = mutual_consistency_loss(probs_main, probs_aux, self.sharpen_temperature,
-                                                   self.detach_sharpened_targets, self.consistency_distance,
-                                                   self.configuration_manager.batch_dice)
-        loss_occ = self.omni_correlation_consistency(features_main, features_aux, probs_main, probs_aux,
-                                                     _full_resolution(target)[:, 0], num_labeled, batch["keys"])
+        with record_function("CAML mutual consistency"):
+            probs_main = torch.softmax(_full_resolution(output_main).float(), 1)
+            probs_aux = torch.softmax(_full_resolution(output_aux).float(), 1)
+            loss_consistency = mutual_consistency_loss(probs_main, probs_aux, self.sharpen_temperature,
+                                                       self.detach_sharpened_targets, self.consistency_distance,
+                                                       self.configuration_manager.batch_dice)
+        with record_function("CAML OCC"):
+            loss_occ = self.omni_correlation_consistency(features_main, features_aux, probs_main, probs_aux,
+                                                         _full_resolution(target)[:, 0], num_labeled, batch["keys"])
         loss = self.lambda_s * (loss_sup_main + loss_sup_aux) + lambda_c * loss_consistency + lambda_o * loss_occ
         terms = {"loss": loss, "caml_loss_sup_main": loss_sup_main, "caml_loss_sup_aux": loss_sup_aux,
                  "caml_loss_consistency": loss_consistency, "caml_loss_occ": loss_occ}
@@ -290,18 +296,20 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             return self._skip_nonfinite_step(step, buffers, bank)
         self._nonfinite_in_a_row = 0
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
-        # DDP averaged the main network's gradients during backward; CAML's own parts are averaged here (multi-GPU)
-        average_gradients(self._caml_parameters())
-        average_buffers(list(self.occ.buffers()))
-        if self.grad_scaler is not None:
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters, 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            torch.nn.utils.clip_grad_norm_(parameters, 12)
-            self.optimizer.step()
+        with record_function("CAML backward"):
+            (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+        with record_function("CAML optimizer step"):
+            # DDP averaged the main network's gradients during backward; CAML's own parts are averaged here (multi-GPU)
+            average_gradients(self._caml_parameters())
+            average_buffers(list(self.occ.buffers()))
+            if self.grad_scaler is not None:
+                self.grad_scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(parameters, 12)
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+            else:
+                torch.nn.utils.clip_grad_norm_(parameters, 12)
+                self.optimizer.step()
         return {**step, "caml_nonfinite_step": False}
 
     def _buffers(self) -> List[torch.Tensor]:

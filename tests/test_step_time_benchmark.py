@@ -1,4 +1,5 @@
-"""``benchmarks/step_time.py`` runs on real plans and prints one row per trainer with its ratios."""
+"""``benchmarks/step_time.py`` runs on real plans and prints one row per trainer with its ratios, and with
+``--profile`` where the CAML step's time goes."""
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ def test_step_time_prints_each_trainer_against_stock(caml_dataset):
     d = caml_dataset
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_time.py"), "-d", str(d["dataset_id"]),
                              "-c", d["configuration"], "-f", "all", "-p", "nnUNetPlans", "-n", "2", "--warmup", "1",
-                             "-device", "cpu", "-tr", "nnUNetTrainer", "nnUNetTrainerCAML_noCMA"],
+                             "-device", "cpu", "-tr", "nnUNetTrainer", "nnUNetTrainerCAML_noCMA", "--profile", "1"],
                             env=d["env"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
@@ -19,3 +20,10 @@ def test_step_time_prints_each_trainer_against_stock(caml_dataset):
     assert median > 0 and float(rows["nnUNetTrainer"][2]) == 1.0
     assert abs(vs_floor - vs_stock / 4) < 0.01
     assert "plans nnUNetPlans 3d_cpu" in result.stdout
+    # the profile names every part of the CAML step (record_function in train_step), with its host time
+    profile = result.stdout.split("== profile of nnUNetTrainerCAML_noCMA, 1 steps")[1]
+    parts = {line[:28].strip(): float(line.split()[-1]) for line in profile.splitlines() if line.startswith("CAML ")}
+    assert set(parts) == {"CAML main network", "CAML auxiliary network", "CAML supervised loss",
+                          "CAML mutual consistency", "CAML OCC", "CAML backward", "CAML optimizer step"}
+    assert all(ms > 0 for ms in parts.values())
+    assert "== profile of nnUNetTrainer, 1 steps" in result.stdout
