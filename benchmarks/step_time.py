@@ -12,7 +12,10 @@ before the clock starts, then each timed step is ``train_step(batch)`` followed 
 trainers write their logs into a temporary ``nnUNet_results``, never into yours.
 
 Prints, per trainer: median and mean s/step, the ratio to the first trainer (stock), the ratio to the two-network
-floor (4 x the first trainer's step: two networks on a doubled batch) and the peak GPU memory of a step: allocated
+floor (4 x the first trainer's step: two networks on a doubled batch), the FLOPs of the step's networks (forward and
+backward, counted on the meta device) against the first trainer's, the time ratio over that FLOP ratio (the FLOP
+floor: CAML's auxiliary network has about 1.43 x the main network's FLOPs, so its networks alone are 4.9 x stock's
+work) and the peak GPU memory of a step: allocated
 by tensors (the trainer's own; what earlier trainers in the process left allocated is not counted) and reserved by
 PyTorch's caching allocator (what the card must hold, without the CUDA context). A trainer that runs out of GPU memory
 is reported as such. ``--profile N`` then runs N more steps per trainer under torch.profiler and prints where the time
@@ -20,6 +23,7 @@ goes: the top operations, CAML's named parts of the step (networks, losses, OCC,
 device was.
 """
 import argparse
+import copy
 import gc
 import os
 import tempfile
@@ -27,6 +31,25 @@ import time
 
 import numpy as np
 import torch
+
+
+def network_flops(trainer, patches: int, sample: torch.Tensor) -> float:
+    """Forward and backward FLOPs of the networks a training step runs (the main network, and CAML's auxiliary one),
+    each on ``patches`` patches shaped like ``sample``: counted on the meta device (shapes only, nothing computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nnunetv2_caml.networks import unwrapped
+
+    total = 0
+    for network in (trainer.network, getattr(trainer, "auxiliary_network", None)):
+        if network is None:
+            continue
+        meta = copy.deepcopy(unwrapped(network)).to("meta").train()
+        with FlopCounterMode(display=False) as counter:
+            outputs = meta(torch.empty(patches, *sample.shape, device="meta"))
+            sum(o.sum() for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])).backward()
+        total += counter.get_total_flops()
+    return float(total)
 
 
 def profile_steps(trainer, batches: list, cuda: bool) -> str:
@@ -73,8 +96,12 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
     trainer.on_train_epoch_start()
     batches = [next(trainer.dataloader_train) for _ in range(warmup + steps + profile)]
     unlabeled = getattr(trainer, "dataloader_unlabeled", None)
+    patches = batches[0]["data"].shape[0]
     if unlabeled is not None:  # CAML draws its unlabeled batch inside train_step: load those beforehand as well
-        trainer.dataloader_unlabeled = iter([next(unlabeled) for _ in range(len(batches))])
+        unlabeled_batches = [next(unlabeled) for _ in range(len(batches))]
+        patches += unlabeled_batches[0]["data"].shape[0]
+        trainer.dataloader_unlabeled = iter(unlabeled_batches)
+    flops = network_flops(trainer, patches, batches[0]["data"][0])
     times, out_of_memory, report = [], False, None
     peak = reserved = torch.cuda.max_memory_allocated() if cuda else 0
     try:
@@ -97,7 +124,7 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
     row = {"trainer": trainer_name, "median_s": float(np.median(times)) if times else float("nan"),
            "mean_s": float(np.mean(times)) if times else float("nan"), "out_of_memory": out_of_memory,
            "peak_gib": (peak - allocated_before) / 2 ** 30 if cuda else float("nan"),
-           "reserved_gib": reserved / 2 ** 30 if cuda else float("nan"), "profile": report,
+           "reserved_gib": reserved / 2 ** 30 if cuda else float("nan"), "profile": report, "flops": flops,
            "batch": trainer.configuration_manager.batch_size, "patch": trainer.configuration_manager.patch_size}
     if unlabeled is not None:
         trainer.dataloader_unlabeled = unlabeled  # so that on_train_end shuts its workers down
@@ -134,13 +161,16 @@ def main():
           f"(+ as many unlabeled for CAML), patch {rows[0]['patch']}, {args.n} timed steps after {args.warmup} "
           f"warm-up, data loading excluded")
     print(f"{'trainer':36s} {'median s/step':>14s} {'mean s/step':>12s} {'x first':>8s} {'x 4-floor':>10s} "
-          f"{'peak GiB':>9s} {'reserved GiB':>13s}")
+          f"{'net FLOPs x first':>18s} {'x FLOP floor':>13s} {'peak GiB':>9s} {'reserved GiB':>13s}")
     for row in rows:
         memory = (f"{'out of memory':>23s}" if row["out_of_memory"] else
                   f"{row['peak_gib']:9.2f} {row['reserved_gib']:13.2f}")
-        print(f"{row['trainer']:36s} {row['median_s']:14.3f} {row['mean_s']:12.3f} "
-              f"{row['median_s'] / rows[0]['median_s']:8.2f} {row['median_s'] / (4 * rows[0]['median_s']):10.2f} "
-              f"{memory}")
+        vs_first, flops_vs_first = row["median_s"] / rows[0]["median_s"], row["flops"] / rows[0]["flops"]
+        print(f"{row['trainer']:36s} {row['median_s']:14.3f} {row['mean_s']:12.3f} {vs_first:8.2f} "
+              f"{vs_first / 4:10.2f} {flops_vs_first:18.2f} {vs_first / flops_vs_first:13.2f} {memory}")
+    print("x 4-floor: against two networks like the first on twice its patches; net FLOPs: forward and backward of "
+          "the step's networks (CAML's auxiliary network, with its interpolation upsampling and CMA, has more than "
+          "the main one); x FLOP floor: s/step ratio / FLOP ratio, what the step costs beyond its networks' work")
 
     for row in rows:
         if row["profile"]:

@@ -19,6 +19,11 @@ def test_step_time_prints_each_trainer_against_stock(caml_dataset):
     median, _, vs_stock, vs_floor = map(float, rows["nnUNetTrainerCAML_noCMA"][:4])
     assert median > 0 and float(rows["nnUNetTrainer"][2]) == 1.0
     assert abs(vs_floor - vs_stock / 4) < 0.01
+    # two networks on twice the patches, the auxiliary one with interpolation upsampling (+3x3x3 conv) in its decoder:
+    # more than 4 x stock's FLOPs; the FLOP floor ratio is the time ratio over that
+    flops, vs_flop_floor = map(float, rows["nnUNetTrainerCAML_noCMA"][4:6])
+    assert 4.5 < flops < 5.5 and float(rows["nnUNetTrainer"][4]) == 1.0
+    assert abs(vs_flop_floor - vs_stock / flops) < 0.01
     assert "plans nnUNetPlans 3d_cpu" in result.stdout
     # the profile names every part of the CAML step (record_function in train_step), with its host time
     profile = result.stdout.split("== profile of nnUNetTrainerCAML_noCMA, 1 steps")[1]
