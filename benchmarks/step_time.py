@@ -15,12 +15,11 @@ Prints, per trainer: median and mean s/step, the ratio to the first trainer (sto
 floor (4 x the first trainer's step: two networks on a doubled batch), the FLOPs of the step's networks (forward and
 backward, counted on the meta device) against the first trainer's, the time ratio over that FLOP ratio (the FLOP
 floor: CAML's auxiliary network has about 1.43 x the main network's FLOPs, so its networks alone are 4.9 x stock's
-work) and the peak GPU memory of a step: allocated
-by tensors (the trainer's own; what earlier trainers in the process left allocated is not counted) and reserved by
-PyTorch's caching allocator (what the card must hold, without the CUDA context). A trainer that runs out of GPU memory
-is reported as such. ``--profile N`` then runs N more steps per trainer under torch.profiler and prints where the time
-goes: the top operations, CAML's named parts of the step (networks, losses, OCC, backward, optimizer) and how busy the
-device was.
+work) and the peak GPU memory of a step: allocated by tensors (the trainer's own; what earlier trainers in the process
+left allocated is not counted) and reserved by PyTorch's caching allocator (what the card must hold, without the CUDA
+context). A trainer that runs out of GPU memory is reported as such. ``--profile N`` then runs N more steps per
+trainer under torch.profiler and prints where the time goes: the top operations, CAML's named parts of the step
+(networks, losses, OCC, backward, optimizer) and how busy the device was.
 """
 import argparse
 import copy
