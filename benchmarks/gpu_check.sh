@@ -6,7 +6,8 @@
 #   compile    the CUDA test of tests/test_compile.py: nnU-Net compiles both networks (inductor, AMP), no graph break,
 #              no recompilation over 20 steps, eager and compiled losses equal within AMP tolerance
 #   atrium     3d_fullres plans nnU-Net makes for LA-sized scans (benchmarks/real_plans.py): s/step and peak memory of
-#              stock and CAML (benchmarks/step_time.py, compiled as nnU-Net decides), then a profile of 5 steps of each
+#              stock, CAML and CAML_pointwiseUpsampling (benchmarks/step_time.py, compiled as nnU-Net decides), then a
+#              profile of 5 steps of each
 #   ablations  the same plans: stock, _noCMA and _noOCC, compiled
 #   vessel     vessel-sized CT (200x512x512 at 0.5x0.4x0.4 mm): stock and CAML, compiled
 #   memory     peak memory of stock and CAML, eager (nnUNet_compile=f: no compile time), on plans made with nnU-Net's
@@ -14,11 +15,12 @@
 #              by atrium and vessel) for both sizes: which target fits CAML into a 24, 40 or 80 GB card
 #
 # Time on one H200 (2026-12-04, a fresh machine): compile 165 s; compiling for the step time takes about 50 s for stock,
-# 180 s for CAML and 90 s for each ablation, so the five parts take about 20 minutes in all. Within a 10-minute
-# command run "compile atrium" and "memory vessel ablations" as two calls on the same WORKDIR (datasets, plans and
-# inductor's cache are reused). Planning runs in the background from the start while the compile check runs. Each
-# part prints its table and keeps it in WORKDIR/<part>*.txt (the profile too), with its full log beside it. A failing
-# check does not stop the others; the script exits 1 at the end if any failed. Needs nnunetv2 and this package
+# 180 s for CAML and 90 s for each ablation (CAML_pointwiseUpsampling: not yet measured, about as long as CAML), so the
+# five parts take about 23 minutes in all. Within 10-minute commands run them as separate calls on the same WORKDIR
+# (datasets, plans and inductor's cache are reused), e.g. "atrium" (the compile test passed on an H200 on 2026-12-04),
+# then "vessel ablations", then "compile memory". Planning runs in the background from the start while the compile check
+# runs. Each part prints its table and keeps it in WORKDIR/<part>*.txt (the profile too), with its full log beside it. A
+# failing check does not stop the others; the script exits 1 at the end if any failed. Needs nnunetv2 and this package
 # installed (pip install -e .).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -81,7 +83,8 @@ for part in "${parts[@]}"; do
     atrium)
       say "atrium: plans"; plans_ready atrium || continue
       say "atrium: step time, memory and a profile of 5 steps, default plans"
-      step_time atrium nnUNetPlans "$work/atrium_step_time.txt" 20 3 nnUNetTrainer nnUNetTrainerCAML --profile 5
+      step_time atrium nnUNetPlans "$work/atrium_step_time.txt" 20 3 nnUNetTrainer nnUNetTrainerCAML \
+        nnUNetTrainerCAML_pointwiseUpsampling --profile 5
       ;;
     ablations)
       say "ablations: plans"; plans_ready atrium || continue

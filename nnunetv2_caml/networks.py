@@ -76,10 +76,12 @@ def build_plans_unet(configuration_manager: ConfigurationManager, num_input_chan
 
 def build_auxiliary_network(configuration_manager: ConfigurationManager, num_input_channels: int,
                             num_output_channels: int, use_cma: bool = True, cma_stage: int = -2,
-                            cma_num_heads: int = 4) -> nn.Module:
+                            cma_num_heads: int = 4, upsampling_kernel_size: Optional[int] = None) -> nn.Module:
     """The auxiliary network: the plans' U-Net with CMA in the encoder and interpolation upsampling in the decoder.
 
     ``cma_stage`` indexes the encoder stages (negative counts from the bottleneck: -2 is the stage just above it).
+    ``upsampling_kernel_size`` is the kernel of the convolution after each interpolation: None takes the plans' kernel
+    of the stage it feeds (3x3x3, like the paper's upsampling block); 1 costs what the transposed convolution costs.
     Deep supervision is always on: the auxiliary network is only used for training.
     """
     network = build_plans_unet(configuration_manager, num_input_channels, num_output_channels, True)
@@ -88,7 +90,8 @@ def build_auxiliary_network(configuration_manager: ConfigurationManager, num_inp
     for s in range(len(decoder.transpconvs)):
         upsampling = InterpolationUpsampling(encoder, encoder.output_channels[-(s + 1)],
                                              encoder.output_channels[-(s + 2)], encoder.strides[-(s + 1)],
-                                             encoder.kernel_sizes[-(s + 2)])
+                                             encoder.kernel_sizes[-(s + 2)] if upsampling_kernel_size is None
+                                             else [upsampling_kernel_size] * len(encoder.strides[0]))
         decoder.transpconvs[s] = upsampling
         new_modules.append(upsampling)
     if use_cma:

@@ -56,9 +56,10 @@ install_one_line_errors()  # nnUNetv2_train imports this module: its CAML refusa
 
 #: the trainer attributes that make up CAML's settings (logged at the start, after --c, stored in checkpoints)
 CAML_SETTINGS = ("lambda_s", "lambda_c", "lambda_o", "rampup_fraction", "sharpen_temperature",
-                 "consistency_distance", "detach_sharpened_targets", "use_cma", "cma_stage", "cma_num_heads", "use_occ",
-                 "occ_embedding_dim", "occ_temperature", "occ_top_k", "memory_per_class", "memory_entries_per_case",
-                 "unlabeled_batch_size", "perturbed_view", "max_consecutive_nonfinite_steps")
+                 "consistency_distance", "detach_sharpened_targets", "use_cma", "cma_stage", "cma_num_heads",
+                 "auxiliary_upsampling_kernel_size", "use_occ", "occ_embedding_dim", "occ_temperature", "occ_top_k",
+                 "memory_per_class", "memory_entries_per_case", "unlabeled_batch_size", "perturbed_view",
+                 "max_consecutive_nonfinite_steps")
 
 
 class CAMLConfigurationError(CAMLError):
@@ -85,6 +86,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.use_cma = True                     # Cross-sample Mutual Attention in the auxiliary encoder
         self.cma_stage = -2                     # encoder stage whose output CMA attends (-2: above the bottleneck)
         self.cma_num_heads = 4
+        self.auxiliary_upsampling_kernel_size = None  # conv after the aux decoder's interpolation; None: the plans'
         self.use_occ = True                     # Omni-Correlation Consistency
         self.occ_embedding_dim = 32
         self.occ_temperature = 0.1
@@ -124,7 +126,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         num_classes = self.label_manager.num_segmentation_heads
         self.auxiliary_network = build_auxiliary_network(
             self.configuration_manager, num_input_channels, num_classes, self.use_cma, self.cma_stage,
-            self.cma_num_heads).to(self.device)
+            self.cma_num_heads, self.auxiliary_upsampling_kernel_size).to(self.device)
         if self.is_ddp:  # as nnU-Net converts the main network (a no-op for the usual InstanceNorm plans)
             self.auxiliary_network = nn.SyncBatchNorm.convert_sync_batchnorm(self.auxiliary_network)
         self.occ = OmniCorrelationConsistency(

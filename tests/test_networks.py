@@ -93,3 +93,24 @@ def test_non_unet_architecture_is_refused_with_a_clear_message():
     del config.configuration["architecture"]["arch_kwargs"]["n_conv_per_stage"]
     with pytest.raises(ValueError, match="UNetDecoder"):
         build_auxiliary_network(config, 1, 2)
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_pointwise_upsampling_costs_what_transposed_convolutions_cost(dim):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(network):
+        with FlopCounterMode(display=False) as counter:
+            sum(o.sum() for o in network(torch.randn(2, 1, *[16] * dim))).backward()
+        return counter.get_total_flops()
+
+    config = configuration(dim)
+    main = nnUNetTrainer.build_network_architecture(None, config, 1, 3, True)
+    paper = build_auxiliary_network(config, 1, 3, use_cma=False)
+    pointwise = build_auxiliary_network(config, 1, 3, use_cma=False, upsampling_kernel_size=1)
+    assert all(t.conv.conv.kernel_size == (1,) * dim for t in pointwise.decoder.transpconvs)
+    assert all(t.conv.conv.kernel_size == (3,) * dim for t in paper.decoder.transpconvs)
+    assert [o.shape for o in pointwise(torch.randn(2, 1, *[16] * dim))] == \
+        [o.shape for o in main(torch.randn(2, 1, *[16] * dim))]
+    # a 1x1 convolution after interpolation has the multiply-adds of the 2x2 transposed convolution it replaces
+    assert flops(pointwise) == flops(main) < flops(paper)

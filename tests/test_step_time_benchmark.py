@@ -10,12 +10,13 @@ def test_step_time_prints_each_trainer_against_stock(caml_dataset):
     d = caml_dataset
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_time.py"), "-d", str(d["dataset_id"]),
                              "-c", d["configuration"], "-f", "all", "-p", "nnUNetPlans", "-n", "2", "--warmup", "1",
-                             "-device", "cpu", "-tr", "nnUNetTrainer", "nnUNetTrainerCAML_noCMA", "--profile", "1"],
+                             "-device", "cpu", "-tr", "nnUNetTrainer", "nnUNetTrainerCAML_noCMA",
+                             "nnUNetTrainerCAML_pointwiseUpsampling", "--profile", "1"],
                             env=d["env"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
             if line.startswith("nnUNetTrainer")}
-    assert set(rows) == {"nnUNetTrainer", "nnUNetTrainerCAML_noCMA"}
+    assert set(rows) == {"nnUNetTrainer", "nnUNetTrainerCAML_noCMA", "nnUNetTrainerCAML_pointwiseUpsampling"}
     median, _, vs_stock, vs_floor = map(float, rows["nnUNetTrainerCAML_noCMA"][:4])
     assert median > 0 and float(rows["nnUNetTrainer"][2]) == 1.0
     assert abs(vs_floor - vs_stock / 4) < 0.01
@@ -24,6 +25,8 @@ def test_step_time_prints_each_trainer_against_stock(caml_dataset):
     flops, vs_flop_floor = map(float, rows["nnUNetTrainerCAML_noCMA"][4:6])
     assert 4.5 < flops < 5.5 and float(rows["nnUNetTrainer"][4]) == 1.0
     assert abs(vs_flop_floor - vs_stock / flops) < 0.01
+    # with a 1x1x1 convolution after the interpolation the auxiliary network costs about the main one (CMA included)
+    assert 3.9 < float(rows["nnUNetTrainerCAML_pointwiseUpsampling"][4]) < 4.4
     assert "plans nnUNetPlans 3d_cpu" in result.stdout
     # the profile names every part of the CAML step (record_function in train_step), with its host time
     profile = result.stdout.split("== profile of nnUNetTrainerCAML_noCMA, 1 steps")[1]
