@@ -86,7 +86,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.use_cma = True                     # Cross-sample Mutual Attention in the auxiliary encoder
         self.cma_stage = -2                     # encoder stage whose output CMA attends (-2: above the bottleneck)
         self.cma_num_heads = 4
-        self.auxiliary_upsampling_kernel_size = None  # conv after the aux decoder's interpolation; None: the plans'
+        self.auxiliary_upsampling_kernel_size = None  # conv after the aux decoder's interpolation: None 3x3x3, or 1
         self.use_occ = True                     # Omni-Correlation Consistency
         self.occ_embedding_dim = 32
         self.occ_temperature = 0.1
