@@ -124,3 +124,32 @@ def test_changed_settings_in_the_same_workdir_are_refused(benchmark_run):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"ERROR: {workdir} holds runs made with steps=4; use another --workdir or pass --overwrite to start over"]
+
+
+def test_diagnosis_scores_both_networks_on_test_and_unlabeled_images(benchmark_run):
+    workdir, _ = benchmark_run
+    diagnose = [sys.executable, str(REPO / "benchmarks" / "ssl_diagnose.py"), "--workdir", str(workdir), "--tasks",
+                "atrium"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([*diagnose, "--arms", "caml", "labeled_only"], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for arm in ("caml", "labeled_only"):
+        folder = workdir / "runs" / "atrium" / arm / "seed_0"
+        cases = json.loads((folder / "diagnose.json").read_text())["cases"]
+        # the test cases and the unlabeled training images (labels kept by the generator), nothing else
+        assert sorted(cases) == ["ts_000", "ts_001", "unl_lab_002", "unl_lab_003"]
+        assert ("aux" in cases["ts_000"]) == (arm == "caml")
+        # the main network's test Dice is the benchmark's own score of the same checkpoint
+        scored = json.loads((folder / "result.json").read_text())["dice"]
+        for case in ("ts_000", "ts_001"):
+            if not math.isnan(scored[case]):
+                assert cases[case]["main"] == pytest.approx(scored[case], abs=1e-6)
+        for row in cases.values():
+            assert all(0 <= v <= 1 for k, v in row.items() if k in ("main", "aux", "agreement", "recall"))
+    table = (workdir / "ssl_diagnose.md").read_text()
+    assert "| atrium | caml | 0 | unlabeled | all | 2 |" in table
+    # a run the benchmark has not finished is refused in one line
+    result = subprocess.run([*diagnose, "--arms", "noOCC"], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "noOCC/seed_0" in result.stderr
