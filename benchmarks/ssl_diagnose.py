@@ -79,17 +79,17 @@ def diagnose_run(folder: Path) -> dict:
     # the protocols of the benchmark's labeled cases, for every arm (the ceiling trained on all of them)
     labeled = json.loads((folder.parents[3] / "benchmark.json").read_text())["labeled"]
     seen = {protocols[f"lab_{i:03d}"] for i in range(labeled)}
-    test_cases = sorted(p.name[:-len("_0000" + trainer.dataset_json["file_ending"])]
-                        for p in (raw / "imagesTs").glob("*_0000" + trainer.dataset_json["file_ending"]))
-    unlabeled_cases = sorted(p.name[len("unl_"):-len("_0000" + trainer.dataset_json["file_ending"])]
-                             for p in (raw / "imagesTrUnlabeled").glob("unl_*"))
-    reader = trainer.plans_manager.image_reader_writer_class()
+    suffix = "_0000" + trainer.dataset_json["file_ending"]  # one channel: the synthetic tasks' images
     ending = trainer.dataset_json["file_ending"]
+    test_cases = sorted(p.name[:-len(suffix)] for p in (raw / "imagesTs").glob("*" + suffix))
+    # the unlabeled pool holds copies of training images as unl_<case>; their labels are labelsTr/<case>
+    unlabeled_cases = sorted(p.name[len("unl_"):-len(suffix)] for p in (raw / "imagesTrUnlabeled").glob("unl_*"))
+    reader = trainer.plans_manager.image_reader_writer_class()
     cases = {}
     for image_set, images, labels, ids in (("test", "imagesTs", "labelsTs", test_cases),
                                            ("unlabeled", "imagesTr", "labelsTr", unlabeled_cases)):
         for case in ids:
-            data, properties = reader.read_images([str(raw / images / f"{case}_0000{ending}")])
+            data, properties = reader.read_images([str(raw / images / f"{case}{suffix}")])
             reference = reader.read_seg(str(raw / labels / f"{case}{ending}"))[0][0] > 0
             probabilities = {name: predictor.predict_single_npy_array(data, properties, None, None, True)[1]
                              for name, predictor in predictors.items()}

@@ -288,4 +288,3 @@ class nnUNetTrainer_strongIntensityAug(nnUNetTrainer):
     def get_training_transforms(*args, **kwargs):
         transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
         return ComposeTransforms([transforms, RandomTransform(strong_intensity_transforms(), apply_probability=0.5)])
-
