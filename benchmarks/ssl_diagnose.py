@@ -43,7 +43,7 @@ def _foreground_dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
-def diagnose_run(folder: Path) -> dict:
+def diagnose_run(workdir: Path, folder: Path) -> dict:
     """Segment the run's test and unlabeled training images with its networks and score them, per case. Runs in its
     own process, whose environment names the run's nnUNet_results (nnU-Net reads its paths when imported)."""
     import torch
@@ -77,8 +77,7 @@ def diagnose_run(folder: Path) -> dict:
 
     protocols = json.loads((raw / "dataset.json").read_text())["synthetic"]["protocols"]
     # the protocols of the benchmark's labeled cases, for every arm (the ceiling trained on all of them)
-    labeled = json.loads((folder.parents[3] / "benchmark.json").read_text())["labeled"]
-    seen = {protocols[f"lab_{i:03d}"] for i in range(labeled)}
+    seen = ssl_gain.seen_protocols(protocols, json.loads((workdir / "benchmark.json").read_text())["labeled"])
     suffix = "_0000" + trainer.dataset_json["file_ending"]  # one channel: the synthetic tasks' images
     ending = trainer.dataset_json["file_ending"]
     test_cases = sorted(p.name[:-len(suffix)] for p in (raw / "imagesTs").glob("*" + suffix))
@@ -156,7 +155,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.run:
         folder = Path(args.run)
-        (folder / "diagnose.json").write_text(json.dumps(diagnose_run(folder), indent=1))
+        (folder / "diagnose.json").write_text(json.dumps(diagnose_run(Path(args.workdir), folder), indent=1))
         return
     workdir = Path(args.workdir).resolve()
     folders = [workdir / "runs" / task / arm / f"seed_{seed}" for task in args.tasks for arm in args.arms

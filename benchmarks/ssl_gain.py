@@ -213,6 +213,12 @@ def run_all(runs: List[dict], workdir: Path, parallel: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the table
+def seen_protocols(protocols: Dict[str, str], labeled: int) -> set:
+    """The acquisition protocols of the first ``labeled`` training cases (``protocols``: case id -> protocol, as the
+    generator records them in dataset.json)."""
+    return {protocols.get(f"lab_{i:03d}") for i in range(labeled)}
+
+
 def unseen_protocol_cases(workdir: Path, task: str, labeled: int) -> set:
     """Test cases whose acquisition protocol (recorded by the generator in dataset.json) none of the first
     ``labeled`` training cases has."""
@@ -221,7 +227,7 @@ def unseen_protocol_cases(workdir: Path, task: str, labeled: int) -> set:
     dataset_json = json.loads((workdir / "nnUNet_raw" / dataset_name(DATASET_IDS[task], task) / "dataset.json")
                               .read_text())
     protocols = dataset_json["synthetic"].get("protocols", {})
-    seen = {protocols.get(f"lab_{i:03d}") for i in range(labeled)}
+    seen = seen_protocols(protocols, labeled)
     return {case for case, protocol in protocols.items() if case.startswith("ts_") and protocol not in seen}
 
 
