@@ -249,7 +249,7 @@ def finished_results(workdir: Path, tasks: List[str], arms: List[str]) -> tuple:
 def summarise(results: List[dict], arms: List[str], unseen: Dict[str, set] = None) -> Dict[str, Dict[str, dict]]:
     """Per task and arm: mean over seeds of the mean test Dice, its spread, the worst seed and the worst case, and
     the fraction of the labeled-only to all-labeled gap the arm closes: its mean gain over labeled_only on the seeds
-    both share (also per seed), over the mean gap on the seeds that have labeled_only and all_labeled. ``unseen``
+    both share (also per seed), over the mean gap on those of them that have all_labeled. ``unseen``
     (task -> test case ids whose acquisition protocol no labeled case has) adds the mean Dice on those cases and on the
     others."""
     table: Dict[str, Dict[str, dict]] = {}
@@ -270,9 +270,10 @@ def summarise(results: List[dict], arms: List[str], unseen: Dict[str, set] = Non
                 for key, subset in (("seen_protocols", cases - unseen[task]),
                                     ("unseen_protocols", cases & unseen[task])):
                     row[key] = float(np.mean([np.mean([r["dice"][c] for c in subset]) for r in runs.values()]))
-            # gains on every seed the arm shares with labeled_only; the gap on the seeds that have both ends
+            # gains on every seed the arm shares with labeled_only; the gap on those of them that have both ends (on
+            # every seed with both ends where none of them has: gaps differ by seed, so the seeds must match)
             paired = sorted(set(runs) & set(low))
-            ends = sorted(set(low) & set(high))
+            ends = sorted(set(paired) & set(high)) or sorted(set(low) & set(high))
             if paired and ends:
                 gap = np.mean([high[s]["mean_dice"] - low[s]["mean_dice"] for s in ends])
                 gains = [float(runs[s]["mean_dice"] - low[s]["mean_dice"]) for s in paired]
@@ -456,7 +457,7 @@ def main(argv=None) -> None:
               f"({'protocols ' + ', '.join(args.protocols) if args.protocols else 'every acquisition protocol'}), "
               f"patch {'x'.join(map(str, args.patch))}, features {args.features}, batch {args.batch_size}, "
               f"{args.steps} optimiser steps per arm, no test-time augmentation. Gap closed = mean over seeds of "
-              f"(arm - labeled_only), seeds paired, / mean (all_labeled - labeled_only) on the seeds that have both. "
+              f"(arm - labeled_only), seeds paired, / mean (all_labeled - labeled_only) on the same seeds. "
               f"Every finished run in the work folder is tabulated.")
     text = format_table(table, header)
     print("\n" + text)

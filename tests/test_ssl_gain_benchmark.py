@@ -49,6 +49,10 @@ def test_summary_gap_closed_spread_and_worst_case():
     three = ssl_gain.summarise(results, ["labeled_only", "caml", "all_labeled"])["atrium"]
     assert three["caml"]["gain_per_seed"] == pytest.approx([0.1, 0.06, 0.1])
     assert three["caml"]["gap_closed"] == pytest.approx((0.26 / 3) / 0.2)
+    # an arm run on fewer seeds is measured against the gap on its own seeds, not on all of them
+    results += [_result("all_labeled", 2, [0.7, 0.7]), _result("noOCC", 0, [0.75, 0.75])]
+    four = ssl_gain.summarise(results, ["labeled_only", "noOCC", "all_labeled"])["atrium"]
+    assert four["noOCC"]["gap_closed"] == pytest.approx((0.75 - 0.7) / 0.2)
     text = ssl_gain.format_table({"atrium": table}, "header")
     assert ("| caml | 0.730 ± 0.099 | 0.800 0.660 | 0.660 | 0.600 | 40 % | +0.100 +0.060 | 0.700 / 0.760 |"
             in text.splitlines())
