@@ -50,9 +50,9 @@ class nnUNetTrainerCAML_nanStopTest(nnUNetTrainerCAML):
 
 
 def _consistency_test_schedule(trainer: nnUNetTrainerCAML) -> None:
-    """2 x 4 steps with the consistency at full weight from the first step (ramp-up 0)."""
-    trainer.num_epochs = 2
-    trainer.num_iterations_per_epoch = 4
+    """One epoch of 3 steps with the consistency at full weight from the first step (ramp-up 0)."""
+    trainer.num_epochs = 1
+    trainer.num_iterations_per_epoch = 3
     trainer.num_val_iterations_per_epoch = 1
     trainer.rampup_fraction = 0.0
 
