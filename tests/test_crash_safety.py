@@ -19,7 +19,7 @@ from conftest import BIN, EXT_TRAINERS_WITH_TESTS, run_cli
 from nnunetv2_caml.checkpoints import CAML_STATE_KEYS, caml_state_digest, temporary_name
 
 KILL_TRAINER = "nnUNetTrainerCAML_killTest"
-KILL_EPOCHS = 30
+KILL_EPOCHS = 24  # the 20 kills get through about 11 epochs (2 CPU cores); the last run trains the rest
 KILLS = 20
 CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # as nnU-Net's --c
 
@@ -104,7 +104,7 @@ def killed_run(caml_dataset, env, tmp_path_factory):
 def test_checkpoints_survive_repeated_kills(killed_run):
     rounds = killed_run["rounds"]
     killed = [r for r in rounds if r["killed"]]
-    assert len(killed) >= KILLS
+    assert len(killed) >= KILLS, f"the run finished after {len(killed)} kills: raise KILL_EPOCHS"
     assert sum(r["in_save"] for r in killed) >= 5, "too few kills landed inside a save"
     assert rounds[-1]["returncode"] == 0, rounds[-1]["log"][-3000:]
     resumed = 0
