@@ -249,7 +249,8 @@ def finished_results(workdir: Path, tasks: List[str], arms: List[str]) -> tuple:
 def summarise(results: List[dict], arms: List[str], unseen: Dict[str, set] = None) -> Dict[str, Dict[str, dict]]:
     """Per task and arm: mean over seeds of the mean test Dice, its spread, the worst seed and the worst case, and
     the fraction of the labeled-only to all-labeled gap the arm closes: its mean gain over labeled_only on the seeds
-    both share (also per seed), over the mean gap on those of them that have all_labeled. ``unseen``
+    both share (also per seed), over the mean gap on those of them that have all_labeled (on every seed that has
+    both ends, if none of them does). ``unseen``
     (task -> test case ids whose acquisition protocol no labeled case has) adds the mean Dice on those cases and on the
     others."""
     table: Dict[str, Dict[str, dict]] = {}
@@ -457,7 +458,8 @@ def main(argv=None) -> None:
               f"({'protocols ' + ', '.join(args.protocols) if args.protocols else 'every acquisition protocol'}), "
               f"patch {'x'.join(map(str, args.patch))}, features {args.features}, batch {args.batch_size}, "
               f"{args.steps} optimiser steps per arm, no test-time augmentation. Gap closed = mean over seeds of "
-              f"(arm - labeled_only), seeds paired, / mean (all_labeled - labeled_only) on the same seeds. "
+              f"(arm - labeled_only), seeds paired, / mean (all_labeled - labeled_only) on the same seeds "
+              f"(on every seed that has both, where the arm's seeds lack all_labeled). "
               f"Every finished run in the work folder is tabulated.")
     text = format_table(table, header)
     print("\n" + text)
