@@ -158,3 +158,46 @@ def test_attention_dropout_drops_weights_with_probability_p_and_is_unbiased():
     assert not torch.allclose(draws[0], draws[1])
     # dropout rescales by 1/(1-p): the mean over many draws approaches the exact output
     torch.testing.assert_close(draws.mean(0), exact, rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("length,p", [(5, 0.5), (70, 0.5), (130, 0.3), (128, 0.5)])
+def test_blockwise_dropout_attention_equals_the_whole_weight_form(length, p):
+    # CPU attention with dropout, 64 query rows at a time, weights recomputed in the backward pass: output and
+    # gradients must equal softmax(q k^T / sqrt(d)) * mask @ v with autograd, for the same mask, across block borders
+    from nnunetv2_caml.cma import BlockwiseDropoutAttention, draw_keep_mask, keep_mask_rows
+
+    torch.manual_seed(0)
+    q, k, v = (_x((2, 3, length, 4), seed=s).requires_grad_() for s in (1, 2, 3))
+    keep = draw_keep_mask((2, 3, length, length), p)
+    mask = keep_mask_rows(keep, 0, length, length, p, torch.float64)
+    assert set(mask.unique().tolist()) == {0.0, 1.0 / (1.0 - p)}
+    grad_out = _x((2, 3, length, 4), seed=4)
+    reference = (torch.softmax(q * 0.5 @ k.transpose(-2, -1), dim=-1) * mask) @ v
+    out = BlockwiseDropoutAttention.apply(q, k, v, keep, p)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out),
+                            torch.autograd.grad(reference, (q, k, v), grad_out)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_keep_mask_keeps_every_position_with_probability_one_minus_p(p):
+    # the bit-packed mask (p = 0.5) must not favour any bit of a byte: each column position is kept half the time
+    from nnunetv2_caml.cma import draw_keep_mask, keep_mask_rows
+
+    torch.manual_seed(0)
+    mask = keep_mask_rows(draw_keep_mask((4000, 8, 13), p), 0, 8, 13, p, torch.float64)
+    assert mask.shape == (4000, 8, 13)
+    kept = (mask > 0).double().mean(0)  # per row and column position
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 - p), rtol=0, atol=0.04)
+
+
+def test_cpu_dropout_is_unbiased_and_drops_half():
+    from nnunetv2_caml.cma import dropout
+
+    torch.manual_seed(0)
+    x = _x((3, 5, 9)) + 3.0
+    draws = torch.stack([dropout(x, 0.5, training=True) for _ in range(2000)])
+    assert ((draws == 0).double().mean() - 0.5).abs() < 0.01
+    torch.testing.assert_close(draws.mean(0), x, rtol=0, atol=0.25)
+    assert torch.equal(dropout(x, 0.5, training=False), x)
