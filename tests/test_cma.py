@@ -197,7 +197,8 @@ def test_cpu_dropout_is_unbiased_and_drops_half():
 
     torch.manual_seed(0)
     x = _x((3, 5, 9)) + 3.0
-    draws = torch.stack([dropout(x, 0.5, training=True) for _ in range(2000)])
+    draws = torch.stack([dropout(x, 0.5, training=True) for _ in range(4000)])
     assert ((draws == 0).double().mean() - 0.5).abs() < 0.01
-    torch.testing.assert_close(draws.mean(0), x, rtol=0, atol=0.25)
+    # dropout rescales by 2: the mean over the draws approaches x (its standard error here is at most about 0.1)
+    torch.testing.assert_close(draws.mean(0), x, rtol=0, atol=0.4)
     assert torch.equal(dropout(x, 0.5, training=False), x)
