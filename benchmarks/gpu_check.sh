@@ -1,113 +1,153 @@
 #!/usr/bin/env bash
 # Every GPU check of CAML at the size and speed users train, on one CUDA GPU:
 #
-#   bash benchmarks/gpu_check.sh [WORKDIR] [PART ...]      (WORKDIR default: ./gpu_check; PART default: all five)
+#   bash benchmarks/gpu_check.sh [WORKDIR] [PART ...]     (WORKDIR default: ./gpu_check; PART default: compile atrium
+#                                                          vessel memory, the checks of the issue, meant for one go)
 #
-#   compile    the CUDA test of tests/test_compile.py: nnU-Net compiles both networks (inductor, AMP), no graph break,
-#              no recompilation over 20 steps, eager and compiled losses equal within AMP tolerance
-#   atrium     3d_fullres plans nnU-Net makes for LA-sized scans (benchmarks/real_plans.py): s/step and peak memory of
-#              stock, CAML and CAML_pointwiseUpsampling (benchmarks/step_time.py, compiled as nnU-Net decides), then a
-#              profile of 5 steps of each
-#   ablations  the same plans: stock, _noCMA and _noOCC, compiled
-#   vessel     vessel-sized CT (200x512x512 at 0.5x0.4x0.4 mm): stock and CAML, compiled
-#   memory     peak memory of stock and CAML, eager (nnUNet_compile=f: no compile time), on plans made with nnU-Net's
-#              -gpu_memory_target (GPU_MEMORY_TARGETS, default "4 6"; nnU-Net's default plans, target 8 GB, are measured
-#              by atrium and vessel) for both sizes: which target fits CAML into a 24, 40 or 80 GB card
+#   compile          benchmarks/compile_check.py on the 3d_fullres plans nnU-Net makes for LA-sized scans
+#                    (benchmarks/real_plans.py): nnU-Net's decision compiles both networks (inductor, AMP), no graph
+#                    break and no recompilation over 20 steps, eager and compiled losses equal within AMP tolerance,
+#                    the compiled checkpoint loads into an eager trainer
+#   atrium           the same plans: s/step and peak memory of stock and CAML, compiled as nnU-Net decides
+#                    (benchmarks/step_time.py), then a profile of 5 steps of each
+#   vessel           vessel-sized CT (200x512x512 at 0.5x0.4x0.4 mm), nnU-Net's default plans: stock and CAML, eager
+#                    (nnUNet_compile=f)
+#   memory           peak memory of CAML, eager, on plans made with nnU-Net's -gpu_memory_target (GPU_MEMORY_TARGETS,
+#                    default "4 6") for both sizes: which target fits CAML into a 24, 40 or 80 GB card (nnU-Net's
+#                    default plans, target 8 GB, are measured against stock by atrium and vessel)
+#   not by default:
+#   tests            the CUDA tests of the test suite (pytest -k cuda: tests/test_compile.py on the tests' tiny plans)
+#   ablations        atrium plans, compiled: stock, _noCMA, _noOCC and _pointwiseUpsampling
+#   vessel_compiled  vessel default plans, compiled: stock and CAML
 #
-# Time on one H200 (2026-12-04, a fresh machine): compile 165 s; compiling for the step time takes about 50 s for stock,
-# 180 s for CAML and 90 s for each ablation (CAML_pointwiseUpsampling: not yet measured, about as long as CAML), so the
-# five parts take about 23 minutes in all. Within 10-minute commands run them as separate calls on the same WORKDIR
-# (datasets, plans and inductor's cache are reused), e.g. "atrium" (the compile test passed on an H200 on 2026-12-04),
-# then "vessel ablations", then "compile memory". Planning runs in the background from the start while the compile check
-# runs. Each part prints its table and keeps it in WORKDIR/<part>*.txt (the profile too), with its full log beside it. A
-# failing check does not stop the others; the script exits 1 at the end if any failed. Needs nnunetv2 and this package
-# installed (pip install -e .).
+# Time: inductor's compiling is most of it. On an H200 (2026-12-04, torch 2.11) it took about 50 s for stock's
+# network and 180 s for CAML's two; the script before this one, which compiled CAML for the compile test and again
+# for the step time, and every ablation, took about 23 minutes. Here CAML compiles once: the compile check and the atrium step time use the same inductor settings
+# (step_time.py --fallback_random) and one cache (TORCHINDUCTOR_CACHE_DIR, default WORKDIR/inductor), so the step
+# time takes CAML's graphs from the cache (measured on 2 CPU cores with the CPU test trainer: all 8 of CAML's graphs,
+# 16 s of warm-up instead of a full compile; with different settings none of the 8). Estimated from the H200's
+# compile times, not yet timed on a GPU: compile about 4 min (half a minute of it waiting for the atrium plans),
+# atrium about 2 min (stock compiles; CAML comes from the cache), vessel under 1 min, memory about 1.5 min (four eager
+# runs of CAML): under 8 minutes. The script prints the seconds since its start at every step; the vessel plans
+# (three 200x512x512 scans) are made in the background meanwhile. Each part prints its table and keeps it in
+# WORKDIR/<part>*.txt (the profile too), with its full log beside it, so a WORKDIR under the device's $OUT brings back
+# whatever finished even if the command is cut off. A failing check does not stop the others; the script exits 1 at
+# the end if any failed. A rerun on the same WORKDIR reuses datasets, plans and compiled graphs. Needs nnunetv2 and
+# this package installed (pip install -e .).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(realpath -m "${1:-gpu_check}")
 shift || true
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(compile atrium memory vessel ablations)
+[ ${#parts[@]} -eq 0 ] && parts=(compile atrium vessel memory)
 for part in "${parts[@]}"; do
-  case $part in compile|atrium|ablations|vessel|memory) ;;
-    *) echo "unknown part '$part': choose from compile atrium ablations vessel memory" >&2; exit 2 ;; esac
+  case $part in compile|atrium|vessel|memory|tests|ablations|vessel_compiled) ;;
+    *) echo "unknown part '$part': choose from compile atrium vessel memory tests ablations vessel_compiled" >&2
+       exit 2 ;; esac
 done
 python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh needs a CUDA GPU')"
 mkdir -p "$work"
 export nnUNet_extTrainer="$repo/trainers"
 export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-8}"
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$work/inductor}"
 targets=${GPU_MEMORY_TARGETS:-"4 6"}
 start=$SECONDS
 failed=()
+trap 'kill $(jobs -p) 2> /dev/null || true' EXIT  # plans still being made when the script stops early
 say() { echo "== $* ($(date +%T), $((SECONDS - start)) s)"; }
+wants() { local p; for p in "${parts[@]}"; do [[ " $* " == *" $p "* ]] && return 0; done; return 1; }
 
-# Plans (CPU work: synthetic scans, nnU-Net's planning and preprocessing) run in the background from the start, for
-# every size a part needs, while the compile check uses the GPU; each part waits for its size's plans.
-declare -A plan_pid plan_rc
-plans_start() {  # size, extra targets: real_plans.py in the background, output in $work/<size>/plans.log
+# Plans (CPU work: synthetic scans, nnU-Net's planning and preprocessing) are made in the background from the start,
+# per size first nnU-Net's default plans, then those of the smaller memory targets; a part waits for what it needs.
+plans_start() {  # size, targets (may be empty)
   mkdir -p "$work/$1"
-  python "$repo/benchmarks/real_plans.py" --workdir "$work/$1" --size "$1" --gpu_memory_target ${2:-} \
-    -np "$(nproc)" > "$work/$1/plans.log" 2>&1 &
-  plan_pid[$1]=$!
+  rm -f "$work/$1"/plans_*.rc "$work/$1"/plans_*.txt
+  ( rc=0; python "$repo/benchmarks/real_plans.py" --workdir "$work/$1" --size "$1" -np "$(nproc)" \
+      > "$work/$1/plans_default.log" 2>&1 || rc=$?
+    echo $rc > "$work/$1/plans_default.rc.tmp" && mv "$work/$1/plans_default.rc.tmp" "$work/$1/plans_default.rc"
+    if [ "$rc" -eq 0 ] && [ -n "$2" ]; then
+      python "$repo/benchmarks/real_plans.py" --workdir "$work/$1" --size "$1" --gpu_memory_target $2 \
+        -np "$(nproc)" > "$work/$1/plans_targets.log" 2>&1 || rc=$?
+    fi
+    echo $rc > "$work/$1/plans_targets.rc.tmp" && mv "$work/$1/plans_targets.rc.tmp" "$work/$1/plans_targets.rc" ) &
 }
-plans_ready() {  # size: waits for its plans, prints them into $work/<size>/plans.txt
-  if [ -z "${plan_rc[$1]:-}" ]; then
-    local rc=0; wait "${plan_pid[$1]}" || rc=$?; plan_rc[$1]=$rc
-    [ "$rc" -eq 0 ] && sed -n '/3d_fullres:$/,$p' "$work/$1/plans.log" | tee "$work/$1/plans.txt"
-  fi
-  [ "${plan_rc[$1]}" -eq 0 ] || { tail -30 "$work/$1/plans.log"; failed+=("plans $1"); return 1; }
+plans_ready() {  # size, default|targets: waits for those plans, prints them into $work/<size>/plans_<which>.txt once
+  local log="$work/$1/plans_$2.log" rc
+  [ -f "$work/$1/plans_$2.rc" ] || say "$1: waiting for the plans"
+  while [ ! -f "$work/$1/plans_$2.rc" ]; do sleep 2; done
+  rc=$(cat "$work/$1/plans_$2.rc")
+  [ "$2" = targets ] && [ ! -f "$log" ] && log="$work/$1/plans_default.log"
+  if [ "$rc" -ne 0 ]; then tail -30 "$log"; failed+=("plans $1 $2"); return 1; fi
+  [ -f "$work/$1/plans_$2.txt" ] || sed -n '/3d_fullres:$/,$p' "$log" | tee "$work/$1/plans_$2.txt"
 }
+in_size() {  # size, command...: runs the command in the nnU-Net environment of that size's plans
+  local size=$1; shift
+  nnUNet_raw="$work/$size/nnUNet_raw" nnUNet_preprocessed="$work/$size/nnUNet_preprocessed" "$@"
+}
+dataset_id() { [ "$1" = atrium ] && echo 721 || echo 722; }
 
 step_time() {  # size, plans, output file, timed steps, warm-up steps, trainers and step_time.py options...
   local size=$1 plans=$2 out=$3 steps=$4 warmup=$5; shift 5
-  local id; id=$([ "$size" = atrium ] && echo 721 || echo 722)
-  nnUNet_raw="$work/$size/nnUNet_raw" nnUNet_preprocessed="$work/$size/nnUNet_preprocessed" \
-    python "$repo/benchmarks/step_time.py" -d "$id" -c 3d_fullres -f all -p "$plans" -n "$steps" \
-    --warmup "$warmup" -tr "$@" > "$out.log" 2>&1 || { tail -30 "$out.log"; failed+=("${out##*/}"); return 0; }
+  in_size "$size" python "$repo/benchmarks/step_time.py" -d "$(dataset_id "$size")" -c 3d_fullres -f all \
+    -p "$plans" -n "$steps" --warmup "$warmup" -tr "$@" > "$out.log" 2>&1 \
+    || { tail -30 "$out.log"; failed+=("${out##*/}"); return 0; }
   sed -n '/^device /,$p' "$out.log" | tee "$out"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$work/device.txt"
 python -c "import torch, nnunetv2; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
   | tee -a "$work/device.txt"
-wants() { local p; for p in "${parts[@]}"; do [[ " $* " == *" $p "* ]] && return 0; done; return 1; }
 memory_targets=$(wants memory && echo "$targets" || true)
-wants atrium ablations memory && plans_start atrium "$memory_targets"
-wants vessel memory && plans_start vessel "$memory_targets"
+wants compile atrium ablations memory && plans_start atrium "$memory_targets"
+wants vessel vessel_compiled memory && plans_start vessel "$memory_targets"
 for part in "${parts[@]}"; do
   case $part in
     compile)
-      say "compile: the CUDA test of tests/test_compile.py"
-      python -m pytest -q -rs -k cuda "$repo/tests/test_compile.py" 2>&1 | tee "$work/compile.txt" || failed+=(compile)
+      plans_ready atrium default || continue
+      say "compile: benchmarks/compile_check.py, CAML, atrium default plans, 20 compiled steps"
+      in_size atrium python "$repo/benchmarks/compile_check.py" -d 721 -c 3d_fullres -f all \
+        -tr nnUNetTrainerCAML -n 20 > "$work/compile.txt.log" 2>&1 || failed+=(compile)
+      sed -n '/ trainer: main network compiled/,$p' "$work/compile.txt.log" | grep -v '^[0-9-]* [0-9:.]*: ' \
+        | tee "$work/compile.txt"
       ;;
     atrium)
-      say "atrium: plans"; plans_ready atrium || continue
-      say "atrium: step time, memory and a profile of 5 steps, default plans"
+      plans_ready atrium default || continue
+      say "atrium: step time, memory and a profile of 5 steps, default plans, compiled"
       step_time atrium nnUNetPlans "$work/atrium_step_time.txt" 20 3 nnUNetTrainer nnUNetTrainerCAML \
-        nnUNetTrainerCAML_pointwiseUpsampling --profile 5
-      ;;
-    ablations)
-      say "ablations: plans"; plans_ready atrium || continue
-      say "ablations: step time and memory of stock, _noCMA and _noOCC, atrium default plans"
-      step_time atrium nnUNetPlans "$work/ablations_step_time.txt" 20 3 nnUNetTrainer nnUNetTrainerCAML_noCMA \
-        nnUNetTrainerCAML_noOCC
+        --fallback_random --profile 5
       ;;
     vessel)
-      say "vessel: plans"; plans_ready vessel || continue
-      say "vessel: step time and memory, default plans"
-      step_time vessel nnUNetPlans "$work/vessel_step_time.txt" 20 3 nnUNetTrainer nnUNetTrainerCAML
+      plans_ready vessel default || continue
+      say "vessel: step time and memory, default plans, eager"
+      nnUNet_compile=f step_time vessel nnUNetPlans "$work/vessel_step_time.txt" 10 2 nnUNetTrainer nnUNetTrainerCAML
       ;;
     memory)
       for size in atrium vessel; do
-        say "memory: $size plans for -gpu_memory_target $targets"; plans_ready "$size" || continue
+        plans_ready "$size" targets || continue
         for target in $targets; do
           say "memory: $size, plans nnUNetPlans_${target}_GB, eager"
-          nnUNet_compile=f step_time "$size" "nnUNetPlans_${target}_GB" "$work/memory_${size}_${target}GB.txt" 3 1 \
-            nnUNetTrainer nnUNetTrainerCAML
+          nnUNet_compile=f step_time "$size" "nnUNetPlans_${target}_GB" "$work/memory_${size}_${target}GB.txt" 2 1 \
+            nnUNetTrainerCAML
         done
       done
+      ;;
+    tests)
+      say "tests: the CUDA tests of the test suite"
+      python -m pytest -q -rs -k cuda "$repo/tests" 2>&1 | tee "$work/tests.txt" || failed+=(tests)
+      ;;
+    ablations)
+      plans_ready atrium default || continue
+      say "ablations: step time and memory of stock, _noCMA, _noOCC and _pointwiseUpsampling, atrium, compiled"
+      step_time atrium nnUNetPlans "$work/ablations_step_time.txt" 20 3 nnUNetTrainer nnUNetTrainerCAML_noCMA \
+        nnUNetTrainerCAML_noOCC nnUNetTrainerCAML_pointwiseUpsampling --fallback_random
+      ;;
+    vessel_compiled)
+      plans_ready vessel default || continue
+      say "vessel_compiled: step time and memory, default plans, compiled"
+      step_time vessel nnUNetPlans "$work/vessel_compiled_step_time.txt" 20 3 nnUNetTrainer nnUNetTrainerCAML
       ;;
   esac
 done
 say "gpu_check done: results in $work"
+wait  # plans still being made for parts not asked for
 if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi

@@ -20,6 +20,13 @@ left allocated is not counted) and reserved by PyTorch's caching allocator (what
 context). A trainer that runs out of GPU memory is reported as such. ``--profile N`` then runs N more steps per
 trainer under torch.profiler and prints where the time goes: the top operations, CAML's named parts of the step
 (networks, losses, OCC, backward, optimizer) and how busy the device was.
+
+Compilation happens in the warm-up steps: their wall time is printed per trainer, with how many of the graphs inductor
+compiled came from its on-disk cache (``TORCHINDUCTOR_CACHE_DIR``). ``--fallback_random`` compiles with inductor's
+``fallback_random``, as ``benchmarks/compile_check.py`` does for its eager/compiled comparison, so that a step time
+run after a compile check on the same plans takes both networks' graphs from the cache instead of compiling them again
+(``benchmarks/gpu_check.sh`` relies on it). It changes only how CAML's random ops are drawn (the dropouts of CMA, at
+one small stage of the auxiliary network: eager's generator instead of random numbers drawn inside inductor's kernels).
 """
 import argparse
 import copy
@@ -30,6 +37,7 @@ import time
 
 import numpy as np
 import torch
+import torch._inductor.config
 
 
 def network_flops(trainer, patches: int, sample: torch.Tensor) -> float:
@@ -81,6 +89,13 @@ def profile_steps(trainer, batches: list, cuda: bool) -> str:
     return "\n".join(lines)
 
 
+def inductor_cache_counts() -> tuple:
+    """Graphs inductor took from its on-disk cache and graphs it compiled, so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
 def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, device: torch.device, steps: int,
                  warmup: int, plans: str = "nnUNetPlans", profile: int = 0) -> dict:
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -103,12 +118,15 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
     flops = network_flops(trainer, patches, batches[0]["data"][0])
     times, out_of_memory, report = [], False, None
     peak = reserved = torch.cuda.max_memory_allocated() if cuda else 0
+    cache_before = inductor_cache_counts()
+    start = time.perf_counter()
     try:
         for batch in batches[:warmup]:
             trainer.train_step(batch)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        warmup_s = time.perf_counter() - start
         for batch in batches[warmup:warmup + steps]:
             start = time.perf_counter()
             trainer.train_step(batch)
@@ -120,7 +138,9 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
         report = profile_steps(trainer, batches[warmup + steps:], cuda) if profile else None
     except torch.OutOfMemoryError:  # a finding for these plans, not a failure of the benchmark
         out_of_memory = True
-    row = {"trainer": trainer_name, "median_s": float(np.median(times)) if times else float("nan"),
+        warmup_s = float("nan")
+    cached, compiled = (after - before for after, before in zip(inductor_cache_counts(), cache_before))
+    row = {"trainer": trainer_name, "warmup_s": warmup_s, "graphs_cached": cached, "graphs_compiled": compiled, "median_s": float(np.median(times)) if times else float("nan"),
            "mean_s": float(np.mean(times)) if times else float("nan"), "out_of_memory": out_of_memory,
            "peak_gib": (peak - allocated_before) / 2 ** 30 if cuda else float("nan"),
            "reserved_gib": reserved / 2 ** 30 if cuda else float("nan"), "profile": report, "flops": flops,
@@ -148,7 +168,11 @@ def main():
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the timed steps, run N more under torch.profiler and print, per trainer, the top "
                              "operations and the time of each named part of the step (default: 0, no profile)")
+    parser.add_argument("--fallback_random", action="store_true",
+                        help="compile with inductor's fallback_random, as compile_check.py does, to reuse its cached "
+                             "graphs (only CMA's dropouts draw differently; default: nnU-Net's settings)")
     args = parser.parse_args()
+    torch._inductor.config.fallback_random = args.fallback_random
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="caml_step_time_")
     fold = args.f if args.f == "all" else int(args.f)
     device = torch.device(args.device)
@@ -170,6 +194,9 @@ def main():
     print("x 4-floor: against two networks like the first on twice its patches; net FLOPs: forward and backward of "
           "the step's networks (CAML's auxiliary network, with its interpolation upsampling and CMA, has more than "
           "the main one); x FLOP floor: s/step ratio / FLOP ratio, what the step costs beyond its networks' work")
+    print("\nthe warm-up steps' seconds (compilation included), and the graphs inductor took from its cache / compiled:")
+    for row in rows:
+        print(f"warm-up {row['trainer']:36s} {row['warmup_s']:6.1f}  {row['graphs_cached']} / {row['graphs_compiled']}")
 
     for row in rows:
         if row["profile"]:

@@ -28,6 +28,9 @@ def test_step_time_prints_each_trainer_against_stock(caml_dataset):
     # with a 1x1x1 convolution after the interpolation the auxiliary network costs about the main one (CMA included)
     assert 3.9 < float(rows["nnUNetTrainerCAML_pointwiseUpsampling"][4]) < 4.4
     assert "plans nnUNetPlans 3d_cpu" in result.stdout
+    # the warm-up steps' time per trainer, with the graphs inductor compiled: none, nnU-Net does not compile on the CPU
+    warmup = {line.split()[1]: line.split()[2:] for line in result.stdout.splitlines() if line.startswith("warm-up ")}
+    assert set(warmup) == set(rows) and all(float(w[0]) > 0 and w[1:] == ["0", "/", "0"] for w in warmup.values())
     # the profile names every part of the CAML step (record_function in train_step), with its host time
     profile = result.stdout.split("== profile of nnUNetTrainerCAML_noCMA, 1 steps")[1]
     parts = {line[:28].strip(): float(line.split()[-1]) for line in profile.splitlines() if line.startswith("CAML ")}
