@@ -105,9 +105,12 @@ for part in "${parts[@]}"; do
     compile)
       plans_ready atrium default || continue
       say "compile: benchmarks/compile_check.py, CAML, atrium default plans, 20 compiled steps"
-      in_size atrium python "$repo/benchmarks/compile_check.py" -d 721 -c 3d_fullres -f all \
-        -tr nnUNetTrainerCAML -n 20 > "$work/compile.txt.log" 2>&1 || failed+=(compile)
-      sed -n '/ trainer: main network compiled/,$p' "$work/compile.txt.log" | grep -v '^[0-9-]* [0-9:.]*: ' \
+      if ! in_size atrium python "$repo/benchmarks/compile_check.py" -d 721 -c 3d_fullres -f all \
+          -tr nnUNetTrainerCAML -n 20 > "$work/compile.txt.log" 2>&1; then
+        tail -30 "$work/compile.txt.log"; failed+=(compile)
+      fi
+      # the check's findings, without the trainers' log lines
+      { sed -n '/ trainer: main network compiled/,$p' "$work/compile.txt.log" | grep -v '^[0-9-]* [0-9:.]*: ' || true; } \
         | tee "$work/compile.txt"
       ;;
     atrium)
