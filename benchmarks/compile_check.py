@@ -22,8 +22,8 @@ default is compiled and ``nnUNet_compile=f`` gives the eager reference. The trai
 
 Inductor compiles with ``fallback_random`` here; ``benchmarks/step_time.py --fallback_random`` compiles with the same
 settings and so takes the graphs this check compiled from inductor's on-disk cache (``benchmarks/gpu_check.sh`` runs
-the two in turn on the same plans). Exits with status 1 when a check fails. ``--backend aot_eager`` traces with dynamo and AOTAutograd but runs eager
-kernels: what the CPU test uses, since nnU-Net itself never compiles on the CPU.
+the two in turn on the same plans). Exits with status 1 when a check fails. ``--backend aot_eager`` traces with dynamo
+and AOTAutograd but runs eager kernels: what the CPU test uses, since nnU-Net itself never compiles on the CPU.
 """
 import argparse
 import functools

@@ -21,19 +21,19 @@
 #   vessel_compiled  vessel default plans, compiled: stock and CAML
 #
 # Time: inductor's compiling is most of it. On an H200 (2026-12-04, torch 2.11) it took about 50 s for stock's
-# network and 180 s for CAML's two; the script before this one, which compiled CAML for the compile test and again
-# for the step time, and every ablation, took about 23 minutes. Here CAML compiles once: the compile check and the atrium step time use the same inductor settings
-# (step_time.py --fallback_random) and one cache (TORCHINDUCTOR_CACHE_DIR, default WORKDIR/inductor), so the step
-# time takes CAML's graphs from the cache (measured on 2 CPU cores with the CPU test trainer: all 8 of CAML's graphs,
-# 16 s of warm-up instead of a full compile; with different settings none of the 8). Estimated from the H200's
-# compile times, not yet timed on a GPU: compile about 4 min (half a minute of it waiting for the atrium plans),
-# atrium about 2 min (stock compiles; CAML comes from the cache), vessel under 1 min, memory about 1.5 min (four eager
-# runs of CAML): under 8 minutes. The script prints the seconds since its start at every step; the vessel plans
-# (three 200x512x512 scans) are made in the background meanwhile. Each part prints its table and keeps it in
-# WORKDIR/<part>*.txt (the profile too), with its full log beside it, so a WORKDIR under the device's $OUT brings back
-# whatever finished even if the command is cut off. A failing check does not stop the others; the script exits 1 at
-# the end if any failed. A rerun on the same WORKDIR reuses datasets, plans and compiled graphs. Needs nnunetv2 and
-# this package installed (pip install -e .).
+# network and 180 s for CAML's two; the script before this one, which compiled CAML for the compile test and again for
+# the step time, and every ablation, took about 23 minutes. Here CAML compiles once: the compile check and the atrium
+# step time use the same inductor settings (step_time.py --fallback_random) and one cache (TORCHINDUCTOR_CACHE_DIR,
+# default WORKDIR/inductor), so the step time takes CAML's graphs from the cache (measured on 2 CPU cores with the CPU
+# test trainer: all 8 of CAML's graphs, 16 s of warm-up instead of a full compile; with different settings none of the
+# 8). Estimated from the H200's compile times, not yet timed on a GPU: compile about 4 min (half a minute of it
+# waiting for the atrium plans), atrium about 2 min (stock compiles; CAML comes from the cache), vessel under 1 min,
+# memory about 1.5 min (four eager runs of CAML): under 8 minutes. The script prints the seconds since its start at
+# every step; the vessel plans (three 200x512x512 scans) are made in the background meanwhile. Each part prints its
+# table and keeps it in WORKDIR/<part>*.txt (the profile too), with its full log beside it, so a WORKDIR under the
+# device's $OUT brings back whatever finished even if the command is cut off. A failing check does not stop the
+# others; the script exits 1 at the end if any failed. A rerun on the same WORKDIR reuses datasets, plans and compiled
+# graphs. Needs nnunetv2 and this package installed (pip install -e .).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(realpath -m "${1:-gpu_check}")
@@ -110,8 +110,8 @@ for part in "${parts[@]}"; do
         tail -30 "$work/compile.txt.log"; failed+=(compile)
       fi
       # the check's findings, without the trainers' log lines
-      { sed -n '/ trainer: main network compiled/,$p' "$work/compile.txt.log" | grep -v '^[0-9-]* [0-9:.]*: ' || true; } \
-        | tee "$work/compile.txt"
+      { sed -n '/ trainer: main network compiled/,$p' "$work/compile.txt.log" \
+          | grep -v '^[0-9-]* [0-9:.]*: ' || true; } | tee "$work/compile.txt"
       ;;
     atrium)
       plans_ready atrium default || continue

@@ -119,14 +119,14 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
     times, out_of_memory, report = [], False, None
     peak = reserved = torch.cuda.max_memory_allocated() if cuda else 0
     cache_before = inductor_cache_counts()
-    start = time.perf_counter()
+    warmup_start = time.perf_counter()
     try:
         for batch in batches[:warmup]:
             trainer.train_step(batch)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        warmup_s = time.perf_counter() - start
+        warmup_s = time.perf_counter() - warmup_start
         for batch in batches[warmup:warmup + steps]:
             start = time.perf_counter()
             trainer.train_step(batch)
@@ -140,7 +140,8 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
         out_of_memory = True
         warmup_s = float("nan")
     cached, compiled = (after - before for after, before in zip(inductor_cache_counts(), cache_before))
-    row = {"trainer": trainer_name, "warmup_s": warmup_s, "graphs_cached": cached, "graphs_compiled": compiled, "median_s": float(np.median(times)) if times else float("nan"),
+    row = {"trainer": trainer_name, "warmup_s": warmup_s, "graphs_cached": cached, "graphs_compiled": compiled,
+           "median_s": float(np.median(times)) if times else float("nan"),
            "mean_s": float(np.mean(times)) if times else float("nan"), "out_of_memory": out_of_memory,
            "peak_gib": (peak - allocated_before) / 2 ** 30 if cuda else float("nan"),
            "reserved_gib": reserved / 2 ** 30 if cuda else float("nan"), "profile": report, "flops": flops,
@@ -194,7 +195,7 @@ def main():
     print("x 4-floor: against two networks like the first on twice its patches; net FLOPs: forward and backward of "
           "the step's networks (CAML's auxiliary network, with its interpolation upsampling and CMA, has more than "
           "the main one); x FLOP floor: s/step ratio / FLOP ratio, what the step costs beyond its networks' work")
-    print("\nthe warm-up steps' seconds (compilation included), and the graphs inductor took from its cache / compiled:")
+    print("\nthe warm-up steps' seconds (compilation included), the graphs inductor took from its cache / compiled:")
     for row in rows:
         print(f"warm-up {row['trainer']:36s} {row['warmup_s']:6.1f}  {row['graphs_cached']} / {row['graphs_compiled']}")
 
