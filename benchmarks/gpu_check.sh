@@ -61,7 +61,7 @@ wants() { local p; for p in "${parts[@]}"; do [[ " $* " == *" $p "* ]] && return
 # per size first nnU-Net's default plans, then those of the smaller memory targets; a part waits for what it needs.
 plans_start() {  # size, targets (may be empty)
   mkdir -p "$work/$1"
-  rm -f "$work/$1"/plans_*.rc "$work/$1"/plans_*.txt
+  rm -f "$work/$1"/plans_*  # this run's markers, tables and logs only
   ( rc=0; python "$repo/benchmarks/real_plans.py" --workdir "$work/$1" --size "$1" -np "$(nproc)" \
       > "$work/$1/plans_default.log" 2>&1 || rc=$?
     echo $rc > "$work/$1/plans_default.rc.tmp" && mv "$work/$1/plans_default.rc.tmp" "$work/$1/plans_default.rc"
@@ -105,7 +105,7 @@ for part in "${parts[@]}"; do
     compile)
       plans_ready atrium default || continue
       say "compile: benchmarks/compile_check.py, CAML, atrium default plans, 20 compiled steps"
-      if ! in_size atrium python "$repo/benchmarks/compile_check.py" -d 721 -c 3d_fullres -f all \
+      if ! in_size atrium python "$repo/benchmarks/compile_check.py" -d "$(dataset_id atrium)" -c 3d_fullres -f all \
           -tr nnUNetTrainerCAML -n 20 > "$work/compile.txt.log" 2>&1; then
         tail -30 "$work/compile.txt.log"; failed+=(compile)
       fi

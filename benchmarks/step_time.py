@@ -119,7 +119,7 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
     times, out_of_memory, report = [], False, None
     peak = reserved = torch.cuda.max_memory_allocated() if cuda else 0
     cache_before = inductor_cache_counts()
-    warmup_start = time.perf_counter()
+    warmup_s, warmup_start = float("nan"), time.perf_counter()
     try:
         for batch in batches[:warmup]:
             trainer.train_step(batch)
@@ -138,7 +138,6 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
         report = profile_steps(trainer, batches[warmup + steps:], cuda) if profile else None
     except torch.OutOfMemoryError:  # a finding for these plans, not a failure of the benchmark
         out_of_memory = True
-        warmup_s = float("nan")
     cached, compiled = (after - before for after, before in zip(inductor_cache_counts(), cache_before))
     row = {"trainer": trainer_name, "warmup_s": warmup_s, "graphs_cached": cached, "graphs_compiled": compiled,
            "median_s": float(np.median(times)) if times else float("nan"),
