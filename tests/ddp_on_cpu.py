@@ -24,6 +24,9 @@ def run_rank(rank: int, world_size: int, args: argparse.Namespace) -> None:
 
     from nnunetv2_caml.networks import unwrapped
 
+    # the ranks share one stdout pipe, block-buffered by default: a flush in mid-line would splice one rank's line into
+    # the other's. Line-buffered, each line is one write, and writes under PIPE_BUF (4 KiB) reach a pipe whole
+    sys.stdout.reconfigure(line_buffering=True)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     trainer = get_trainer_from_args(args.dataset, args.configuration, args.fold, args.tr, "nnUNetPlans", args.c,
                                     device=torch.device("cpu"))
