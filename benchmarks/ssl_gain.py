@@ -26,7 +26,9 @@ Each (task, arm, seed) runs in its own process and writes ``result.json`` when d
 and resumes unfinished ones from their latest checkpoint, so a long benchmark survives interruptions. With CUDA the
 arms run side by side on the GPU (``--parallel``, default: all at once); on the CPU ``--parallel N`` runs N at a time
 with the cores split between them (default: one run on every core). The table (``ssl_gain.md``, also printed),
-the raw numbers (``ssl_gain.json``) and a plot (``ssl_gain.png``) land in the work folder.
+the raw numbers (``ssl_gain.json``) and a plot (``ssl_gain.png``) land in the work folder. A second table splits
+the test Dice by the acquisition protocol the generator drew for each test case, with the gap closed on each: where
+the labeled cases lack a protocol, and where the unlabeled images close its gap, or do not.
 """
 import argparse
 import json
@@ -37,7 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -219,14 +221,18 @@ def seen_protocols(protocols: Dict[str, str], labeled: int) -> set:
     return {protocols.get(f"lab_{i:03d}") for i in range(labeled)}
 
 
-def unseen_protocol_cases(workdir: Path, task: str, labeled: int) -> set:
-    """Test cases whose acquisition protocol (recorded by the generator in dataset.json) none of the first
-    ``labeled`` training cases has."""
+def case_protocols(workdir: Path, task: str) -> Dict[str, str]:
+    """Case id -> acquisition protocol of every case, as the generator records them in dataset.json."""
     from nnunetv2_caml.demo.synthetic import dataset_name
 
     dataset_json = json.loads((workdir / "nnUNet_raw" / dataset_name(DATASET_IDS[task], task) / "dataset.json")
                               .read_text())
-    protocols = dataset_json["synthetic"].get("protocols", {})
+    return dataset_json["synthetic"].get("protocols", {})
+
+
+def unseen_protocol_cases(workdir: Path, task: str, labeled: int) -> set:
+    """Test cases whose acquisition protocol none of the first ``labeled`` training cases has."""
+    protocols = case_protocols(workdir, task)
     seen = seen_protocols(protocols, labeled)
     return {case for case, protocol in protocols.items() if case.startswith("ts_") and protocol not in seen}
 
@@ -271,17 +277,84 @@ def summarise(results: List[dict], arms: List[str], unseen: Dict[str, set] = Non
                 for key, subset in (("seen_protocols", cases - unseen[task]),
                                     ("unseen_protocols", cases & unseen[task])):
                     row[key] = float(np.mean([np.mean([r["dice"][c] for c in subset]) for r in runs.values()]))
-            # gains on every seed the arm shares with labeled_only; the gap on those of them that have both ends (on
-            # every seed with both ends where none of them has: gaps differ by seed, so the seeds must match)
-            paired = sorted(set(runs) & set(low))
-            ends = sorted(set(paired) & set(high)) or sorted(set(low) & set(high))
-            if paired and ends:
-                gap = np.mean([high[s]["mean_dice"] - low[s]["mean_dice"] for s in ends])
-                gains = [float(runs[s]["mean_dice"] - low[s]["mean_dice"]) for s in paired]
-                row["gap_closed"] = float(np.mean(gains) / gap) if gap > 0 else float("nan")
-                row["gain_per_seed"] = gains
+            closed = gap_closed(*({s: r["mean_dice"] for s, r in runs_.items()} for runs_ in (runs, low, high)))
+            if closed is not None:
+                row["gap_closed"], row["gain_per_seed"] = closed
             table[task][arm] = row
     return table
+
+
+def gap_closed(arm: Dict[int, float], low: Dict[int, float], high: Dict[int, float]) -> Optional[tuple]:
+    """``(fraction of the gap closed, gain per seed)`` of an arm's per-seed scores against labeled_only's (``low``)
+    and all_labeled's (``high``), or None without a seed to compare on. Gains on every seed the arm shares with
+    labeled_only; the gap on those of them that have both ends (on every seed with both ends where none of them has:
+    gaps differ by seed, so the seeds must match)."""
+    paired = sorted(set(arm) & set(low))
+    ends = sorted(set(paired) & set(high)) or sorted(set(low) & set(high))
+    if not (paired and ends):
+        return None
+    gap = np.mean([high[s] - low[s] for s in ends])
+    gains = [float(arm[s] - low[s]) for s in paired]
+    return (float(np.mean(gains) / gap) if gap > 0 else float("nan")), gains
+
+
+def summarise_protocols(results: List[dict], arms: List[str], protocols: Dict[str, Dict[str, str]]) -> dict:
+    """Per task, arm and acquisition protocol of the test cases (``protocols``: task -> case id -> protocol): the mean
+    over seeds of the mean test Dice on that protocol's cases, and the fraction of the gap closed on them."""
+    table: Dict[str, Dict[str, dict]] = {}
+    for task in sorted({r["task"] for r in results}):
+        by_arm = {a: {r["seed"]: r for r in results if r["task"] == task and r["arm"] == a} for a in arms}
+        cases = sorted(set.union(*(set(r["dice"]) for r in results if r["task"] == task)))
+        groups: Dict[str, List[str]] = {}
+        for case in cases:
+            if case in protocols.get(task, {}):
+                groups.setdefault(protocols[task][case], []).append(case)
+        if not groups:
+            continue
+
+        def per_seed(arm, group):
+            return {s: float(np.mean([r["dice"][c] for c in groups[group]])) for s, r in by_arm.get(arm, {}).items()}
+        table[task] = {}
+        for arm in arms:
+            if not by_arm[arm]:
+                continue
+            table[task][arm] = {}
+            for group in sorted(groups):
+                scores = per_seed(arm, group)
+                cell = {"cases": len(groups[group]), "mean": float(np.mean(list(scores.values())))}
+                closed = gap_closed(scores, per_seed("labeled_only", group), per_seed("all_labeled", group))
+                if closed is not None:
+                    cell["gap_closed"] = closed[0]
+                table[task][arm][group] = cell
+    return table
+
+
+#: a protocol whose test cases all_labeled scores less than this above labeled_only gets no gap closed in the table
+#: (a fraction of a gap within one run's noise means nothing)
+MIN_PROTOCOL_GAP = 0.02
+
+
+def format_protocol_table(table: dict, seen: Dict[str, set]) -> str:
+    """Per task: each arm's test Dice and gap closed per acquisition protocol; the header names each protocol's test
+    cases, whether the labeled cases have it (``seen``: task -> protocols), and its gap (all_labeled - labeled_only)."""
+    lines = []
+    for task, rows in table.items():
+        first = next(iter(rows.values()))
+        both_ends = {"labeled_only", "all_labeled"} <= set(rows)
+        gaps = {g: rows["all_labeled"][g]["mean"] - rows["labeled_only"][g]["mean"] if both_ends else None
+                for g in first}
+        header = [f"{g} ({c['cases']} case{'s' * (c['cases'] > 1)}, {'seen' if g in seen.get(task, ()) else 'unseen'}"
+                  + (f", gap {gaps[g]:.3f})" if both_ends else ")") for g, c in first.items()]
+        lines += [f"**{task}**: test Dice per acquisition protocol (mean over seeds; in brackets the gap closed on "
+                  f"that protocol's cases, where its gap is at least {MIN_PROTOCOL_GAP})", "",
+                  "| arm | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+        for arm, cells in rows.items():
+            values = [f"{c['mean']:.3f}" + (f" ({100 * c['gap_closed']:.0f} %)" if "gap_closed" in c and
+                                            gaps[g] is not None and gaps[g] >= MIN_PROTOCOL_GAP else "")
+                      for g, c in cells.items()]
+            lines.append(f"| {arm} | " + " | ".join(values) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def format_table(table: Dict[str, Dict[str, dict]], header: str) -> str:
@@ -452,6 +525,8 @@ def main(argv=None) -> None:
         return
     table = summarise(results, table_arms, {task: unseen_protocol_cases(workdir, task, settings["labeled"])
                                             for task in args.tasks})
+    protocols = {task: case_protocols(workdir, task) for task in args.tasks}
+    per_protocol = summarise_protocols(results, table_arms, protocols)
     header = (f"Device: {device_description(device)}. Command: `python benchmarks/ssl_gain.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`. {args.labeled} labeled + {args.unlabeled} "
               f"unlabeled training cases, {args.test} test cases of {'x'.join(map(str, args.shape))} voxels "
@@ -461,11 +536,12 @@ def main(argv=None) -> None:
               f"(arm - labeled_only), seeds paired, / mean (all_labeled - labeled_only) on the same seeds "
               f"(on every seed that has both, where the arm's seeds lack all_labeled). "
               f"Every finished run in the work folder is tabulated.")
-    text = format_table(table, header)
+    text = format_table(table, header) + "\n" + format_protocol_table(
+        per_protocol, {task: seen_protocols(protocols[task], settings["labeled"]) for task in args.tasks})
     print("\n" + text)
     (workdir / "ssl_gain.md").write_text(text + "\n")
-    (workdir / "ssl_gain.json").write_text(json.dumps({"settings": settings, "table": table, "runs": results},
-                                                      indent=1))
+    (workdir / "ssl_gain.json").write_text(json.dumps({"settings": settings, "table": table,
+                                                       "per_protocol": per_protocol, "runs": results}, indent=1))
     plot(table, workdir / "ssl_gain.png")
     print(f"[ssl-gain] table: {workdir / 'ssl_gain.md'}, plot: {workdir / 'ssl_gain.png'}")
 

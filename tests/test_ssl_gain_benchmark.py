@@ -58,6 +58,28 @@ def test_summary_gap_closed_spread_and_worst_case():
             in text.splitlines())
 
 
+def test_protocol_table_scores_each_protocol_and_its_gap_closed():
+    ssl_gain = _module()
+    results = [_result("labeled_only", 0, [0.6, 0.8, 0.5]), _result("labeled_only", 1, [0.5, 0.7, 0.5]),
+               _result("caml", 0, [0.8, 0.8, 0.6]), _result("caml", 1, [0.6, 0.72, 0.5]),
+               _result("all_labeled", 0, [0.9, 0.9, 0.9]), _result("all_labeled", 1, [0.8, 0.8, 0.8])]
+    protocols = {"atrium": {"ts_0": "A", "ts_1": "B", "ts_2": "A", "lab_000": "A"}}
+    table = ssl_gain.summarise_protocols(results, ["labeled_only", "caml", "all_labeled"], protocols)["atrium"]
+    assert table["caml"]["A"]["cases"] == 2 and table["caml"]["B"]["cases"] == 1
+    assert table["caml"]["A"]["mean"] == pytest.approx((0.7 + 0.55) / 2)
+    # A: gains (0.15, 0.05) over gaps (0.35, 0.3); B: gains (0, 0.02) over gaps (0.1, 0.1)
+    assert table["caml"]["A"]["gap_closed"] == pytest.approx(0.1 / 0.325)
+    assert table["caml"]["B"]["gap_closed"] == pytest.approx(0.1)
+    text = ssl_gain.format_protocol_table({"atrium": table}, {"atrium": {"A"}})
+    assert "| arm | A (2 cases, seen, gap 0.325) | B (1 case, unseen, gap 0.100) |" in text.splitlines()
+    assert "| caml | 0.625 (31 %) | 0.760 (10 %) |" in text.splitlines()
+    # a protocol that all labels barely improve gets no fraction of its gap
+    results = [r for r in results if r["arm"] != "all_labeled"] + [
+        _result("all_labeled", 0, [0.9, 0.81, 0.9]), _result("all_labeled", 1, [0.8, 0.71, 0.8])]
+    table = ssl_gain.summarise_protocols(results, ["labeled_only", "caml", "all_labeled"], protocols)["atrium"]
+    assert "| caml | 0.625 (31 %) | 0.760 |" in ssl_gain.format_protocol_table({"atrium": table}, {}).splitlines()
+
+
 def _benchmark(workdir, *extra):
     return subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(workdir), "--tasks", "atrium", "--seeds", "0",
                            "--labeled", "2", "--unlabeled", "2", "--test", "2", "--shape", "32", "40", "40",
@@ -93,7 +115,11 @@ def test_benchmark_trains_scores_and_tabulates_every_arm(benchmark_run):
         assert f"| {arm} |" in table
     assert "Device: CPU" in table and "--steps 4" in table
     assert (workdir / "ssl_gain.png").stat().st_size > 0
+    assert "**atrium**: test Dice per acquisition protocol" in table
     summary = json.loads((workdir / "ssl_gain.json").read_text())
+    per_protocol = summary["per_protocol"]["atrium"]  # the 2 test cases, grouped by the protocol the generator drew
+    assert list(per_protocol) == ["labeled_only", "caml", "all_labeled"]
+    assert sum(cell["cases"] for cell in per_protocol["caml"].values()) == 2
     table = summary["table"]["atrium"]
     gap = table["all_labeled"]["mean"] - table["labeled_only"]["mean"]
     # after 4 steps both arms may predict the same; the gap closed is defined only for a positive gap
@@ -116,10 +142,11 @@ def test_rerun_keeps_finished_arms_and_adds_new_ones(benchmark_run):
     assert (workdir / "runs" / "atrium" / "caml" / "seed_0" / "result.json").is_file()
     run = json.loads((workdir / "runs" / "atrium" / "labeled_3" / "seed_0" / "result.json").read_text())
     assert run["labeled"] == 3
-    # the table also holds the arms finished by the first invocation, in the default arms' order
-    rows = [line.split("|")[1].strip() for line in (workdir / "ssl_gain.md").read_text().splitlines()
-            if line.startswith("| ") and not line.startswith("| arm")]
-    assert rows == ["labeled_only", "caml", "all_labeled", "labeled_3"]
+    # both tables also hold the arms finished by the first invocation, in the default arms' order
+    for table in (workdir / "ssl_gain.md").read_text().split("test Dice per acquisition protocol"):
+        rows = [line.split("|")[1].strip() for line in table.splitlines()
+                if line.startswith("| ") and not line.startswith("| arm")]
+        assert rows == ["labeled_only", "caml", "all_labeled", "labeled_3"]
 
 
 def test_changed_settings_in_the_same_workdir_are_refused(benchmark_run):
