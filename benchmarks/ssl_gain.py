@@ -230,9 +230,9 @@ def case_protocols(workdir: Path, task: str) -> Dict[str, str]:
     return dataset_json["synthetic"].get("protocols", {})
 
 
-def unseen_protocol_cases(workdir: Path, task: str, labeled: int) -> set:
-    """Test cases whose acquisition protocol none of the first ``labeled`` training cases has."""
-    protocols = case_protocols(workdir, task)
+def unseen_protocol_cases(protocols: Dict[str, str], labeled: int) -> set:
+    """Test cases whose acquisition protocol none of the first ``labeled`` training cases has (``protocols``: case id
+    -> protocol, :func:`case_protocols`)."""
     seen = seen_protocols(protocols, labeled)
     return {case for case, protocol in protocols.items() if case.startswith("ts_") and protocol not in seen}
 
@@ -523,9 +523,9 @@ def main(argv=None) -> None:
     if not results:  # e.g. `--arms` with no arm: the data is prepared, nothing is trained yet
         print(f"[ssl-gain] no finished run in {workdir} yet: data prepared under {workdir / 'nnUNet_preprocessed'}")
         return
-    table = summarise(results, table_arms, {task: unseen_protocol_cases(workdir, task, settings["labeled"])
+    protocols = {task: case_protocols(workdir, task) for task in args.tasks}  # read once, for both tables
+    table = summarise(results, table_arms, {task: unseen_protocol_cases(protocols[task], settings["labeled"])
                                             for task in args.tasks})
-    protocols = {task: case_protocols(workdir, task) for task in args.tasks}
     per_protocol = summarise_protocols(results, table_arms, protocols)
     header = (f"Device: {device_description(device)}. Command: `python benchmarks/ssl_gain.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`. {args.labeled} labeled + {args.unlabeled} "
