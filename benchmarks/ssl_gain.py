@@ -1,7 +1,8 @@
 """The semi-supervised gain, measured: labeled-only nnU-Net against CAML (and its ablations) against all-labeled.
 
     python benchmarks/ssl_gain.py --workdir DIR [--tasks atrium vessel] [--seeds 0 1 2]
-        [--arms labeled_only caml noCMA noOCC noCMA_noOCC noPerturbedView all_labeled] [--arm NAME=TRAINER ...]
+        [--arms labeled_only labeled_only_localContrast caml noCMA noOCC noCMA_noOCC noPerturbedView noLocalContrast
+                all_labeled] [--arm NAME=TRAINER ...]
         [--steps 2000] [--calibrate 2 8 16] [--device cpu|cuda] [--parallel N]
 
 For each task the package's synthetic generator writes one dataset whose ``imagesTr`` holds every training case with
@@ -10,8 +11,10 @@ all but the first ``--labeled`` cases. nnU-Net plans and preprocesses it once, s
 plans; ``splits_final.json`` has one fold per labeled count (fold = the first N training cases), so:
 
 * ``labeled_only``: stock ``nnUNetTrainer`` on the first ``--labeled`` cases;
-* ``caml`` (and its ablations ``noCMA``, ``noOCC``, ``noCMA_noOCC``, ``noPerturbedView``): CAML on the same labeled
-  cases plus the unlabeled images;
+* ``labeled_only_localContrast``: the same, its network on the local-contrast view that CAML's auxiliary network
+  sees (``nnUNetTrainer_localContrast``): what the view alone gives without unlabeled images;
+* ``caml`` (and its ablations ``noCMA``, ``noOCC``, ``noCMA_noOCC``, ``noPerturbedView``, ``noLocalContrast``): CAML
+  on the same labeled cases plus the unlabeled images;
 * ``all_labeled``: stock ``nnUNetTrainer`` with every training case labeled (the ceiling);
 * ``labeled_N`` (``--calibrate N ...``): stock ``nnUNetTrainer`` on the first N cases;
 * ``NAME=TRAINER`` (``--arm``): any trainer nnU-Net can find, on the labeled fold (CAML-style trainers use the
@@ -50,11 +53,13 @@ CONFIGURATION = "3d_bench"
 #: arm name -> (trainer class, uses every training label)
 DEFAULT_ARMS = {
     "labeled_only": ("nnUNetTrainer", False),
+    "labeled_only_localContrast": ("nnUNetTrainer_localContrast", False),
     "caml": ("nnUNetTrainerCAML", False),
     "noCMA": ("nnUNetTrainerCAML_noCMA", False),
     "noOCC": ("nnUNetTrainerCAML_noOCC", False),
     "noCMA_noOCC": ("nnUNetTrainerCAML_noCMA_noOCC", False),
     "noPerturbedView": ("nnUNetTrainerCAML_noPerturbedView", False),
+    "noLocalContrast": ("nnUNetTrainerCAML_noLocalContrast", False),
     "all_labeled": ("nnUNetTrainer", True),
 }
 #: settings that must not change inside one work folder (results would not be comparable)
@@ -450,7 +455,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", help="folder for data, runs and the table (reruns resume here)")
     parser.add_argument("--tasks", nargs="+", default=["atrium", "vessel"], choices=sorted(DATASET_IDS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="*", default=list(DEFAULT_ARMS), help="arms to run (default: all seven)")
+    parser.add_argument("--arms", nargs="*", default=list(DEFAULT_ARMS), help="arms to run (default: all nine)")
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=TRAINER",
                         help="an extra arm: any trainer on the labeled fold (repeatable)")
     parser.add_argument("--calibrate", nargs="*", type=int, default=[], metavar="N",

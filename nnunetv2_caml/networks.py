@@ -5,7 +5,8 @@
 * The **auxiliary** network is the same U-Net family built from the same plans, changed in two places so that the
   two models disagree in useful ways: a :class:`~nnunetv2_caml.cma.CrossSampleMutualAttention` block on the output of
   one encoder stage (default: the stage just above the bottleneck), and interpolation upsampling
-  (:class:`InterpolationUpsampling`) instead of transposed convolutions in the decoder.
+  (:class:`InterpolationUpsampling`) instead of transposed convolutions in the decoder; by default it also sees its
+  input through :func:`~nnunetv2_caml.local_contrast.local_contrast` (:class:`LocalContrastInput`).
 
 :class:`DecoderFeatures` reads, for either network, the feature map that feeds the segmentation head (the output of
 the last decoder stage, full resolution): the voxel embeddings used by OCC.
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nnunetv2_caml.cma import CrossSampleMutualAttention
+from nnunetv2_caml.local_contrast import LocalContrastInput
 
 
 def _require_unet(network: nn.Module, architecture_name: str) -> None:
@@ -76,12 +78,15 @@ def build_plans_unet(configuration_manager: ConfigurationManager, num_input_chan
 
 def build_auxiliary_network(configuration_manager: ConfigurationManager, num_input_channels: int,
                             num_output_channels: int, use_cma: bool = True, cma_stage: int = -2,
-                            cma_num_heads: int = 4, upsampling_kernel_size: Optional[int] = None) -> nn.Module:
+                            cma_num_heads: int = 4, upsampling_kernel_size: Optional[int] = None,
+                            local_contrast_sigma: Optional[float] = None) -> nn.Module:
     """The auxiliary network: the plans' U-Net with CMA in the encoder and interpolation upsampling in the decoder.
 
     ``cma_stage`` indexes the encoder stages (negative counts from the bottleneck: -2 is the stage just above it).
     ``upsampling_kernel_size`` is the kernel of the convolution after each interpolation: None takes the plans' kernel
     of the stage it feeds (3x3x3, like the paper's upsampling block); 1 costs what the transposed convolution costs.
+    ``local_contrast_sigma`` (voxels), unless None, feeds the encoder the local-contrast view of the input
+    (:func:`with_local_contrast_input`).
     Deep supervision is always on: the auxiliary network is only used for training.
     """
     network = build_plans_unet(configuration_manager, num_input_channels, num_output_channels, True)
@@ -102,8 +107,21 @@ def build_auxiliary_network(configuration_manager: ConfigurationManager, num_inp
         encoder.stages[stage] = EncoderStageWithCMA(encoder.stages[stage],
                                                     CrossSampleMutualAttention(encoder.output_channels[stage],
                                                                                cma_num_heads))
+    if local_contrast_sigma is not None:
+        with_local_contrast_input(network, local_contrast_sigma)
     for module in new_modules:
         module.apply(InitWeights_He(1e-2))
+    return network
+
+
+def with_local_contrast_input(network: nn.Module, sigma: float) -> nn.Module:
+    """``network`` (a U-Net) changed in place to see the local-contrast view of its input: :class:`LocalContrastInput`
+    around the encoder's first module (the stem where it has one, else the first stage)."""
+    encoder = network.encoder
+    if getattr(encoder, "stem", None) is not None:
+        encoder.stem = LocalContrastInput(encoder.stem, sigma)
+    else:
+        encoder.stages[0] = LocalContrastInput(encoder.stages[0], sigma)
     return network
 
 

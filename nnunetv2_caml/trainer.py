@@ -57,9 +57,13 @@ install_one_line_errors()  # nnUNetv2_train imports this module: its CAML refusa
 #: the trainer attributes that make up CAML's settings (logged at the start, after --c, stored in checkpoints)
 CAML_SETTINGS = ("lambda_s", "lambda_c", "lambda_o", "rampup_fraction", "sharpen_temperature",
                  "consistency_distance", "detach_sharpened_targets", "use_cma", "cma_stage", "cma_num_heads",
-                 "auxiliary_upsampling_kernel_size", "use_occ", "occ_embedding_dim", "occ_temperature", "occ_top_k",
-                 "memory_per_class", "memory_entries_per_case", "unlabeled_batch_size", "perturbed_view",
-                 "max_consecutive_nonfinite_steps")
+                 "auxiliary_upsampling_kernel_size", "auxiliary_local_contrast", "use_occ", "occ_embedding_dim",
+                 "occ_temperature", "occ_top_k", "memory_per_class", "memory_entries_per_case", "unlabeled_batch_size",
+                 "perturbed_view", "max_consecutive_nonfinite_steps")
+#: the settings that shape the auxiliary network's modules, with the value a checkpoint written before the setting
+#: existed was trained with: a checkpoint resumes only into the same auxiliary network
+AUXILIARY_NETWORK_SETTINGS = {"use_cma": True, "cma_stage": -2, "cma_num_heads": 4,
+                              "auxiliary_upsampling_kernel_size": None, "auxiliary_local_contrast": None}
 
 
 class CAMLConfigurationError(CAMLError):
@@ -87,6 +91,8 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.cma_stage = -2                     # encoder stage whose output CMA attends (-2: above the bottleneck)
         self.cma_num_heads = 4
         self.auxiliary_upsampling_kernel_size = None  # conv after the aux decoder's interpolation: None 3x3x3, or 1
+        self.auxiliary_local_contrast = 3.0     # the aux network sees the local-contrast view, Gaussian sigma in voxels
+                                                # (local_contrast.py; paper: None, nnU-Net's input)
         self.use_occ = True                     # Omni-Correlation Consistency
         self.occ_embedding_dim = 32
         self.occ_temperature = 0.1
@@ -126,7 +132,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         num_classes = self.label_manager.num_segmentation_heads
         self.auxiliary_network = build_auxiliary_network(
             self.configuration_manager, num_input_channels, num_classes, self.use_cma, self.cma_stage,
-            self.cma_num_heads, self.auxiliary_upsampling_kernel_size).to(self.device)
+            self.cma_num_heads, self.auxiliary_upsampling_kernel_size, self.auxiliary_local_contrast).to(self.device)
         if self.is_ddp:  # as nnU-Net converts the main network (a no-op for the usual InstanceNorm plans)
             self.auxiliary_network = nn.SyncBatchNorm.convert_sync_batchnorm(self.auxiliary_network)
         self.occ = OmniCorrelationConsistency(
@@ -399,13 +405,20 @@ class nnUNetTrainerCAML(nnUNetTrainer):
             self.print_to_log_file(f"CAML: {filename} (written by {trainer_name}) holds only the main network: "
                                    f"loaded for validation/prediction; it cannot be resumed with --c")
             return
+        stored = checkpoint.get(CHECKPOINT_SETTINGS, {})
+        differing = [f"{k}={stored.get(k, old)} (this trainer: {getattr(self, k)})"
+                     for k, old in AUXILIARY_NETWORK_SETTINGS.items() if stored.get(k, old) != getattr(self, k)]
+        if differing:
+            raise CAMLCheckpointError(
+                f"{filename} holds an auxiliary network of another shape ({', '.join(differing)}): resume it with a "
+                f"trainer of those settings (nnUNetTrainerCAML_noLocalContrast for auxiliary_local_contrast=None, as in "
+                f"checkpoints written before the local-contrast view) or start over without --c")
         super().load_checkpoint(filename)
         self._resumed_without_caml_state = None
         unwrapped(self.auxiliary_network).load_state_dict(checkpoint[CHECKPOINT_AUXILIARY_NETWORK])
         self.occ.load_state_dict(checkpoint[CHECKPOINT_OCC_HEADS])
         self.occ.memory_bank.load_state_dict(checkpoint[CHECKPOINT_MEMORY_BANK])
         settings = self.caml_settings()
-        stored = checkpoint.get(CHECKPOINT_SETTINGS, {})
         changed = [f"{k} {stored[k]} -> {v}" for k, v in settings.items() if k in stored and stored[k] != v]
         state = self._caml_state()
         self.print_to_log_file(

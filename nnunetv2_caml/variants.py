@@ -2,14 +2,17 @@
 
 ``nnUNetTrainerCAML_paper`` has the paper's loss exactly; the variants named after a loss change (``_lambdaS1``,
 ``_ceConsistency``, ...) start from it and record the way from the paper's loss to the default (README, gain
-benchmark). The ablations (``_noCMA``, ``_noOCC``, ``_noPerturbedView``, ...) and the schedules start from the
-default. ``nnUNetTrainer_strongIntensityAug`` is stock nnU-Net, a labeled-only control for the gain benchmark.
+benchmark). The ablations (``_noCMA``, ``_noOCC``, ``_noPerturbedView``, ``_noLocalContrast``, ...) and the schedules
+start from the default. ``nnUNetTrainer_strongIntensityAug`` and ``nnUNetTrainer_localContrast`` are stock nnU-Net,
+labeled-only controls for the gain benchmark.
 """
 import torch
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
 
+from nnunetv2_caml.networks import with_local_contrast_input
 from nnunetv2_caml.perturbed_views import strong_intensity_transforms
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
 
@@ -52,6 +55,15 @@ class nnUNetTrainerCAML_noPerturbedView(nnUNetTrainerCAML):
         self.perturbed_view = False
 
 
+class nnUNetTrainerCAML_noLocalContrast(nnUNetTrainerCAML):
+    """The auxiliary network sees nnU-Net's input, as in the paper (no local-contrast view): the default before it."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.auxiliary_local_contrast = None
+
+
 # ----------------------------------------------------------------------------- a cheaper auxiliary network
 class nnUNetTrainerCAML_pointwiseUpsampling(nnUNetTrainerCAML):
     """The auxiliary decoder's convolution after interpolation is 1x1x1 instead of the plans' 3x3x3: it costs what
@@ -68,7 +80,8 @@ class nnUNetTrainerCAML_pointwiseUpsampling(nnUNetTrainerCAML):
 class nnUNetTrainerCAML_paper(nnUNetTrainerCAML):
     """The paper's loss exactly: each network's supervised loss at weight 0.5, the mutual consistency as the MSE to
     the other network's sharpened prediction with gradients through that target (as the paper's code), both networks
-    on the same unlabeled patches. Everything else (CMA, OCC, ramp-up, nnU-Net's pipeline) as the default."""
+    on nnU-Net's input and the same unlabeled patches. Everything else (CMA, OCC, ramp-up, nnU-Net's pipeline) as the
+    default."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -77,6 +90,7 @@ class nnUNetTrainerCAML_paper(nnUNetTrainerCAML):
         self.consistency_distance = "mse"
         self.detach_sharpened_targets = False
         self.perturbed_view = False
+        self.auxiliary_local_contrast = None
 
 
 class nnUNetTrainerCAML_detachTargets(nnUNetTrainerCAML_paper):
@@ -288,3 +302,18 @@ class nnUNetTrainer_strongIntensityAug(nnUNetTrainer):
     def get_training_transforms(*args, **kwargs):
         transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
         return ComposeTransforms([transforms, RandomTransform(strong_intensity_transforms(), apply_probability=0.5)])
+
+
+class nnUNetTrainer_localContrast(nnUNetTrainer):
+    """Stock nnU-Net on the labeled cases whose network sees the local-contrast view
+    (:func:`~nnunetv2_caml.local_contrast.local_contrast`, sigma 3 voxels) that CAML's auxiliary network sees by
+    default, in training and in ``nnUNetv2_predict``: the labeled-only control that tells a gain of the unlabeled
+    images apart from one of the view alone."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return with_local_contrast_input(nnUNetTrainer.build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision),
+            3.0)
+

@@ -167,6 +167,18 @@ def test_checkpoint_of_main_network_only_validates_but_does_not_resume(caml_data
     assert "written by nnUNetTrainer and holds only the main network" in message and "--val" in message
 
 
+def test_checkpoint_of_another_auxiliary_network_is_refused_in_one_line(caml_dataset, env, finished_copy):
+    """A checkpoint written before the local-contrast view (its settings lack the key) holds an auxiliary network
+    without it: --c names the setting and the trainer that resumes it, before anything is loaded."""
+    final = finished_copy / "checkpoint_final.pth"
+    checkpoint = torch.load(final, map_location="cpu", weights_only=False)
+    del checkpoint["caml_settings"]["auxiliary_local_contrast"]
+    torch.save(checkpoint, final)
+    message = _one_line_error(_train(caml_dataset, env, KILL_TRAINER, "--c"))
+    assert str(final) in message and "auxiliary_local_contrast=None (this trainer: 3.0)" in message
+    assert "nnUNetTrainerCAML_noLocalContrast" in message
+
+
 def test_resume_logs_the_settings_in_force(killed_run):
     resumed = [r["log"] for r in killed_run["rounds"] if "CAML: loaded" in r["log"] and "in force" in r["log"]]
     assert resumed
