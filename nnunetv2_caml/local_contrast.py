@@ -1,13 +1,15 @@
 """The auxiliary network's local-contrast view (an addition to CAML, on by default).
 
 Mutual learning can only correct what the two networks do not both get wrong. With the same input, CAML's two
-networks learn the same mistakes (README, "Why it stops short"): on images whose contrast is unlike every labeled
-case's, both follow the intensities they were taught and agree on the wrong answer. With ``auxiliary_local_contrast``
+networks learned the same mistakes (docs/gain_history.md, "Why it stops short of half the gap"): on images whose
+contrast is unlike every labeled case's, both followed the intensities they were taught and agreed on the wrong
+answer. With ``auxiliary_local_contrast``
 on, the auxiliary network sees each patch through :func:`local_contrast`: every voxel minus the Gaussian-weighted mean
 of its neighbourhood, divided by the neighbourhood's standard deviation. That view keeps where a structure is brighter
 or darker than its surroundings and drops the absolute intensity levels and slow shading that differ between scanners
-and protocols, so the auxiliary network errs elsewhere than the main network, and the mutual consistency on the
-unlabeled images passes what it sees on to the main network (co-training's two views). The main network, the one
+and protocols, so that the auxiliary network can be right where the main network is wrong, and the mutual
+consistency on the unlabeled images passes that on to the main network (co-training's two views; README, gain
+benchmark: 65 % of the gap closed on the vessel task against 36 % without the view). The main network, the one
 ``nnUNetv2_predict`` uses, keeps nnU-Net's input unchanged.
 """
 from contextlib import nullcontext

@@ -68,7 +68,8 @@ class nnUNetTrainerCAML_noLocalContrast(nnUNetTrainerCAML):
 class nnUNetTrainerCAML_pointwiseUpsampling(nnUNetTrainerCAML):
     """The auxiliary decoder's convolution after interpolation is 1x1x1 instead of the plans' 3x3x3: it costs what
     the main decoder's transposed convolution costs, so the two networks' FLOPs drop from about 4.9 x a stock step's
-    to 4.0 x on real plans (README, step cost; its Dice on the gain benchmark equals the default's)."""
+    to 4.0 x on real plans (README, step cost; its Dice on the gain benchmark equalled the default's before the
+    local-contrast view)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -204,7 +205,8 @@ class nnUNetTrainerCAML_rampup15(nnUNetTrainerCAML):
 class nnUNetTrainerCAML_noSharpening(nnUNetTrainerCAML):
     """Mutual consistency against the other network's unsharpened prediction (T = 1; default and paper: T = 0.1):
     soft targets where the other network is unsure. On the gain benchmark it scored 0.647 against the default's
-    0.642 (mean of four seeds, one machine; README), within what one run moves on its own."""
+    0.642 (mean of four seeds, one machine, before the local-contrast view; docs/gain_history.md), within what one
+    run moves on its own."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -316,4 +318,3 @@ class nnUNetTrainer_localContrast(nnUNetTrainer):
         return with_local_contrast_input(nnUNetTrainer.build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision),
             3.0)
-

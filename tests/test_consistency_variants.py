@@ -1,5 +1,6 @@
-"""The mutual consistency settings of the default, the cross-entropy variant and the paper's loss, each trained
-through ``nnUNetv2_train`` on the tiny dataset and recorded in the log and the checkpoint."""
+"""The mutual consistency settings (and the auxiliary network's input) of the default, the cross-entropy variant and
+the paper's loss, each trained through ``nnUNetv2_train`` on the tiny dataset and recorded in the log and the
+checkpoint."""
 
 import numpy as np
 import pytest
@@ -10,11 +11,14 @@ from conftest import EXT_TRAINERS_WITH_TESTS, run_cli
 
 @pytest.mark.parametrize("trainer, expected", [
     ("nnUNetTrainerCAML_consistencyTest",  # the default
-     {"lambda_s": 1.0, "consistency_distance": "dice_ce", "detach_sharpened_targets": True, "perturbed_view": True}),
+     {"lambda_s": 1.0, "consistency_distance": "dice_ce", "detach_sharpened_targets": True, "perturbed_view": True,
+      "auxiliary_local_contrast": 3.0}),
     ("nnUNetTrainerCAML_ceTest",
-     {"lambda_s": 1.0, "consistency_distance": "ce", "detach_sharpened_targets": True, "perturbed_view": False}),
+     {"lambda_s": 1.0, "consistency_distance": "ce", "detach_sharpened_targets": True, "perturbed_view": False,
+      "auxiliary_local_contrast": None}),
     ("nnUNetTrainerCAML_paperTest",
-     {"lambda_s": 0.5, "consistency_distance": "mse", "detach_sharpened_targets": False, "perturbed_view": False}),
+     {"lambda_s": 0.5, "consistency_distance": "mse", "detach_sharpened_targets": False, "perturbed_view": False,
+      "auxiliary_local_contrast": None}),
 ])
 def test_consistency_settings_train_and_are_recorded(caml_dataset, trainer, expected):
     d = caml_dataset

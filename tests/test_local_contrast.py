@@ -9,7 +9,7 @@ from test_networks import configuration
 
 
 @pytest.mark.parametrize("dim", [3, 2])
-def test_blur_keeps_constant_images_and_the_mean(dim):
+def test_blur_keeps_constant_images_and_smooths_noise(dim):
     constant = torch.full((1, 2) + (12,) * dim, 4.0)
     assert torch.allclose(gaussian_blur(constant, gaussian_kernel_1d(2.0)), constant)
     x = torch.randn((2, 1) + (16,) * dim)
