@@ -3,13 +3,13 @@
 Mutual learning can only correct what the two networks do not both get wrong. With the same input, CAML's two
 networks learned the same mistakes (docs/gain_history.md, "Why it stops short of half the gap"): on images whose
 contrast is unlike every labeled case's, both followed the intensities they were taught and agreed on the wrong
-answer. With ``auxiliary_local_contrast``
-on, the auxiliary network sees each patch through :func:`local_contrast`: every voxel minus the Gaussian-weighted mean
-of its neighbourhood, divided by the neighbourhood's standard deviation. That view keeps where a structure is brighter
-or darker than its surroundings and drops the absolute intensity levels and slow shading that differ between scanners
-and protocols, so that the auxiliary network can be right where the main network is wrong, and the mutual
-consistency on the unlabeled images passes that on to the main network (co-training's two views; README, gain
-benchmark: 65 % of the gap closed on the vessel task against 36 % without the view). The main network, the one
+answer. With ``auxiliary_local_contrast`` on, the auxiliary network sees each patch through :func:`local_contrast`:
+every voxel minus the Gaussian-weighted mean of its neighbourhood, divided by the neighbourhood's standard deviation.
+That view keeps where a structure is brighter or darker than its surroundings and drops the absolute intensity levels
+and slow shading that differ between scanners and protocols, so that the auxiliary network can be right where the
+main network is wrong, and the mutual consistency on the unlabeled images passes that on to the main network
+(co-training's two views; README, gain benchmark: 65 % of the gap closed on the vessel task against 36 % without the
+view). The main network, the one
 ``nnUNetv2_predict`` uses, keeps nnU-Net's input unchanged.
 """
 from contextlib import nullcontext
@@ -17,6 +17,10 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: the Gaussian's sigma in voxels of the default view (``nnUNetTrainerCAML.auxiliary_local_contrast`` and the
+#: labeled-only control ``nnUNetTrainer_localContrast``)
+DEFAULT_SIGMA = 3.0
 
 
 def gaussian_kernel_1d(sigma: float) -> torch.Tensor:
@@ -42,7 +46,7 @@ def gaussian_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def local_contrast(x: torch.Tensor, sigma: float = 3.0, eps: float = 1e-2) -> torch.Tensor:
+def local_contrast(x: torch.Tensor, sigma: float = DEFAULT_SIGMA, eps: float = 1e-2) -> torch.Tensor:
     """``(x - local mean) / sqrt(local variance + eps)``, mean and variance Gaussian-weighted with ``sigma`` voxels,
     per channel. Computed in float32 after removing each image's mean (the variance is a difference of two means,
     which float16, or float32 far from zero, would cancel away).

@@ -44,6 +44,7 @@ from nnunetv2_caml.checkpoints import (CHECKPOINT_AUXILIARY_NETWORK, CHECKPOINT_
 from nnunetv2_caml.distributed import (average_buffers, average_gradients, broadcast_from_rank_zero, every_rank,
                                        on_every_rank, rank_seeds, split_batch)
 from nnunetv2_caml.errors import CAMLError, install_one_line_errors
+from nnunetv2_caml.local_contrast import DEFAULT_SIGMA
 from nnunetv2_caml.losses import (CONSISTENCY_DISTANCES, CONSISTENCY_DISTANCES_TEXT, mutual_consistency_loss,
                                   sigmoid_rampup)
 from nnunetv2_caml.networks import DecoderFeatures, build_auxiliary_network, feature_channels, unwrapped
@@ -60,10 +61,11 @@ CAML_SETTINGS = ("lambda_s", "lambda_c", "lambda_o", "rampup_fraction", "sharpen
                  "auxiliary_upsampling_kernel_size", "auxiliary_local_contrast", "use_occ", "occ_embedding_dim",
                  "occ_temperature", "occ_top_k", "memory_per_class", "memory_entries_per_case", "unlabeled_batch_size",
                  "perturbed_view", "max_consecutive_nonfinite_steps")
-#: the settings that shape the auxiliary network's modules, with the value a checkpoint written before the setting
-#: existed was trained with: a checkpoint resumes only into the same auxiliary network
-AUXILIARY_NETWORK_SETTINGS = {"use_cma": True, "cma_stage": -2, "cma_num_heads": 4,
-                              "auxiliary_upsampling_kernel_size": None, "auxiliary_local_contrast": None}
+#: the settings that shape the auxiliary network's modules: a checkpoint resumes only into the same auxiliary network
+AUXILIARY_NETWORK_SETTINGS = ("use_cma", "cma_stage", "cma_num_heads", "auxiliary_upsampling_kernel_size",
+                              "auxiliary_local_contrast")
+#: what a checkpoint written before a setting existed was trained with (the local-contrast view came last)
+SETTINGS_OF_OLDER_CHECKPOINTS = {"auxiliary_local_contrast": None}
 
 
 class CAMLConfigurationError(CAMLError):
@@ -91,7 +93,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.cma_stage = -2                     # encoder stage whose output CMA attends (-2: above the bottleneck)
         self.cma_num_heads = 4
         self.auxiliary_upsampling_kernel_size = None  # conv after the aux decoder's interpolation: None 3x3x3, or 1
-        self.auxiliary_local_contrast = 3.0     # the aux network sees the local-contrast view, Gaussian sigma in voxels
+        self.auxiliary_local_contrast = DEFAULT_SIGMA  # the aux network sees the local-contrast view (sigma, voxels)
                                                 # (local_contrast.py; paper: None, nnU-Net's input)
         self.use_occ = True                     # Omni-Correlation Consistency
         self.occ_embedding_dim = 32
@@ -406,8 +408,9 @@ class nnUNetTrainerCAML(nnUNetTrainer):
                                    f"loaded for validation/prediction; it cannot be resumed with --c")
             return
         stored = checkpoint.get(CHECKPOINT_SETTINGS, {})
-        differing = [f"{k}={stored.get(k, old)} (this trainer: {getattr(self, k)})"
-                     for k, old in AUXILIARY_NETWORK_SETTINGS.items() if stored.get(k, old) != getattr(self, k)]
+        stored_shape = {k: stored.get(k, SETTINGS_OF_OLDER_CHECKPOINTS.get(k)) for k in AUXILIARY_NETWORK_SETTINGS}
+        differing = [f"{k}={v} (this trainer: {getattr(self, k)})" for k, v in stored_shape.items()
+                     if v != getattr(self, k)]
         if differing:
             raise CAMLCheckpointError(
                 f"{filename} holds an auxiliary network of another shape ({', '.join(differing)}): resume it with a "

@@ -12,6 +12,7 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
+from nnunetv2_caml.local_contrast import DEFAULT_SIGMA
 from nnunetv2_caml.networks import with_local_contrast_input
 from nnunetv2_caml.perturbed_views import strong_intensity_transforms
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
@@ -308,7 +309,7 @@ class nnUNetTrainer_strongIntensityAug(nnUNetTrainer):
 
 class nnUNetTrainer_localContrast(nnUNetTrainer):
     """Stock nnU-Net on the labeled cases whose network sees the local-contrast view
-    (:func:`~nnunetv2_caml.local_contrast.local_contrast`, sigma 3 voxels) that CAML's auxiliary network sees by
+    (:func:`~nnunetv2_caml.local_contrast.local_contrast`, ``DEFAULT_SIGMA``) that CAML's auxiliary network sees by
     default, in training and in ``nnUNetv2_predict``: the labeled-only control that tells a gain of the unlabeled
     images apart from one of the view alone."""
 
@@ -317,4 +318,4 @@ class nnUNetTrainer_localContrast(nnUNetTrainer):
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         return with_local_contrast_input(nnUNetTrainer.build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision),
-            3.0)
+            DEFAULT_SIGMA)
