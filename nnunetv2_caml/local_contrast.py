@@ -9,8 +9,7 @@ That view keeps where a structure is brighter or darker than its surroundings an
 and slow shading that differ between scanners and protocols, so that the auxiliary network can be right where the
 main network is wrong, and the mutual consistency on the unlabeled images passes that on to the main network
 (co-training's two views; README, gain benchmark: 65 % of the gap closed on the vessel task against 36 % without the
-view). The main network, the one
-``nnUNetv2_predict`` uses, keeps nnU-Net's input unchanged.
+view). The main network, the one ``nnUNetv2_predict`` uses, keeps nnU-Net's input unchanged.
 """
 from contextlib import nullcontext
 
@@ -77,4 +76,3 @@ class LocalContrastInput(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}"
-
