@@ -6,6 +6,9 @@ benchmark). The ablations (``_noCMA``, ``_noOCC``, ``_noPerturbedView``, ``_noLo
 start from the default. ``nnUNetTrainer_strongIntensityAug`` and ``nnUNetTrainer_localContrast`` are stock nnU-Net,
 labeled-only controls for the gain benchmark.
 """
+import random
+
+import numpy as np
 import torch
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
@@ -269,6 +272,19 @@ class nnUNetTrainerCAML_tiny(nnUNetTrainerCAML):
         self.num_val_iterations_per_epoch = 1
 
 
+#: the seed of the demo's trainers (the gain benchmark's seed 0)
+DEMO_SEED = 0
+
+
+def _seed_demo_run() -> None:
+    """Seed Python, NumPy and torch before a demo trainer builds anything, as the gain benchmark seeds its runs: with
+    augmentation in the training process (``nnUNet_n_proc_DA=0``, the demo's setting on the CPU) a demo run repeats
+    exactly."""
+    random.seed(DEMO_SEED)
+    np.random.seed(DEMO_SEED)
+    torch.manual_seed(DEMO_SEED)
+
+
 def _demo_schedule(trainer: nnUNetTrainer) -> None:
     """The schedule of ``nnUNetv2_caml_demo``: a few minutes on 2 CPU cores with the demo's small configuration."""
     trainer.num_epochs = 12
@@ -277,19 +293,22 @@ def _demo_schedule(trainer: nnUNetTrainer) -> None:
 
 
 class nnUNetTrainerCAML_demo(nnUNetTrainerCAML):
-    """CAML on the demo's schedule."""
+    """CAML on the demo's schedule, seeded."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        _seed_demo_run()
         super().__init__(plans, configuration, fold, dataset_json, device)
         _demo_schedule(self)
 
 
 class nnUNetTrainer_CAMLdemo(nnUNetTrainer):
-    """Stock nnU-Net (labeled cases only) on the schedule of ``nnUNetTrainerCAML_demo``: the demo's baseline."""
+    """Stock nnU-Net (labeled cases only) on the schedule of ``nnUNetTrainerCAML_demo``, seeded the same: the demo's
+    baseline."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        _seed_demo_run()
         super().__init__(plans, configuration, fold, dataset_json, device)
         _demo_schedule(self)
 

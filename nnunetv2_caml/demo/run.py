@@ -4,12 +4,15 @@ Steps (each one a real command-line tool in a subprocess):
   1. generate a synthetic semi-supervised dataset (labeled, unlabeled and test volumes) into ``DIR/nnUNet_raw``;
   2. ``nnUNetv2_plan_and_preprocess``; 3. ``nnUNetv2_caml_preprocess_unlabeled``;
   4. add a CPU-sized configuration ``3d_cpu`` to the plans (the gain benchmark's network and patch) and
-     ``nnUNetv2_train ... -tr nnUNetTrainerCAML_demo`` (the default CAML on a 600-step schedule);
-  5. ``nnUNetv2_predict`` on the test images; 6. ``nnUNetv2_evaluate_simple`` against the test labels;
+     ``nnUNetv2_train ... -tr nnUNetTrainerCAML_demo`` (the default CAML on a 600-step schedule, seeded);
+  5. ``nnUNetv2_predict`` on the test images (main network, no test-time mirroring, as the gain benchmark scores);
+  6. ``nnUNetv2_evaluate_simple`` against the test labels;
   7. steps 4-6 again for stock nnU-Net on the labeled cases alone, same plans and schedule
      (``nnUNetTrainer_CAMLdemo``; ``--no-baseline`` skips it);
 then prints per-case and mean Dice of both side by side and writes ``DIR/caml_demo.png`` (image / ground truth /
-CAML's prediction / the baseline's).
+CAML's prediction / the baseline's). The dataset's sizes are the gain benchmark's (4 labeled, 32 unlabeled, 12 test
+cases of 36x48x48 voxels). On the CPU augmentation runs in the training process (``nnUNet_n_proc_DA=0``), so with the
+trainers' fixed seed the demo repeats exactly.
 """
 import argparse
 import json
@@ -92,7 +95,8 @@ def _train_predict_evaluate(trainer: str, dataset_id: int, fold: str, raw: Path,
     predictions = workdir / "predictions" / trainer
     _run(f"predict test images with {trainer}", [
         "nnUNetv2_predict", "-i", raw / "imagesTs", "-o", predictions, "-d", dataset_id, "-c", DEMO_CONFIGURATION,
-        "-f", fold, "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", device, "-npp", "1", "-nps", "1"],
+        "-f", fold, "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", device, "-npp", "1", "-nps", "1",
+        "--disable_tta"],
         env, log_file)
     summary_file = predictions / "summary.json"
     _run(f"evaluate {trainer}", ["nnUNetv2_evaluate_simple", raw / "labelsTs", predictions, "-l", "1", "-o",
@@ -104,7 +108,7 @@ def _train_predict_evaluate(trainer: str, dataset_id: int, fold: str, raw: Path,
 
 
 def run_demo(workdir: str, task: str = "vessel", device: str = "auto", overwrite: bool = False,
-             num_labeled: int = 4, num_unlabeled: int = 16, num_test: int = 6, baseline: bool = True) -> dict:
+             num_labeled: int = 4, num_unlabeled: int = 32, num_test: int = 12, baseline: bool = True) -> dict:
     """Run the demo in ``workdir``; returns ``{"dice": {case: dice}, "mean_dice": float, "baseline_dice": ...,
     "baseline_mean_dice": ..., ...}`` (the baseline's entries are None with ``baseline=False``)."""
     from nnunetv2_caml.demo.small_configuration import add_small_configuration
@@ -127,8 +131,11 @@ def run_demo(workdir: str, task: str = "vessel", device: str = "auto", overwrite
                 "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
                 "nnUNet_results": str(workdir / "nnUNet_results"),
                 "nnUNet_extTrainer": trainers_folder()})
-    env.setdefault("nnUNet_n_proc_DA", "2" if device == "cuda" else "1")
+    # augmentation workers on the GPU; on the CPU in the training process, which keeps a seeded run repeatable
+    env.setdefault("nnUNet_n_proc_DA", "2" if device == "cuda" else "0")
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it needs at least 1
     env.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net's export pools would spawn 8 workers
+    preprocessing_env = {**env, "nnUNet_n_proc_DA": str(max(1, int(env["nnUNet_n_proc_DA"])))}
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = workdir / "caml_demo.log"
@@ -139,9 +146,9 @@ def run_demo(workdir: str, task: str = "vessel", device: str = "auto", overwrite
     raw = Path(generate_dataset(env["nnUNet_raw"], dataset_id, task, num_labeled, num_unlabeled, num_test,
                                 shape=DEMO_SHAPE, overwrite=overwrite))
     _run("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "2",
-                                 "--verify_dataset_integrity"], env, log_file)
+                                 "--verify_dataset_integrity"], preprocessing_env, log_file)
     _run("preprocess unlabeled", ["nnUNetv2_caml_preprocess_unlabeled", "-d", dataset_id, "-c", "3d_fullres",
-                                  "-np", "2", "--overwrite"], env, log_file)
+                                  "-np", "2", "--overwrite"], preprocessing_env, log_file)
     add_small_configuration(dataset_id, DEMO_CONFIGURATION, features_per_stage=(8, 16, 32, 64),
                             patch_size=(24, 32, 32), batch_size=2)
     fold = "all" if num_labeled < 5 else "0"
