@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
-from nnunetv2_caml.variants import nnUNetTrainerCAML_lambdaS1_ceConsistency, nnUNetTrainerCAML_paper
+from nnunetv2_caml.variants import (nnUNetTrainerCAML_demo, nnUNetTrainerCAML_lambdaS1_ceConsistency,
+                                    nnUNetTrainerCAML_paper)
 
 
 class nnUNetTrainerCAML_killTest(nnUNetTrainerCAML):
@@ -66,8 +67,9 @@ class nnUNetTrainerCAML_ceTest(nnUNetTrainerCAML_lambdaS1_ceConsistency):
         _consistency_test_schedule(self)
 
 
-class nnUNetTrainerCAML_consistencyTest(nnUNetTrainerCAML):
-    """The default (Dice + CE consistency, perturbed view) on the consistency tests' schedule."""
+class nnUNetTrainerCAML_demoTest(nnUNetTrainerCAML_demo):
+    """The demo's trainer (the default CAML: Dice + CE consistency, perturbed view, local-contrast view; seeded) on
+    the consistency tests' schedule."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
