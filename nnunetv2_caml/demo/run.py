@@ -133,8 +133,8 @@ def run_demo(workdir: str, task: str = "vessel", device: str = "auto", overwrite
                 "nnUNet_extTrainer": trainers_folder()})
     # augmentation workers on the GPU; on the CPU in the training process, which keeps a seeded run repeatable
     env.setdefault("nnUNet_n_proc_DA", "2" if device == "cuda" else "0")
-    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it needs at least 1
     env.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net's export pools would spawn 8 workers
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it needs at least 1
     preprocessing_env = {**env, "nnUNet_n_proc_DA": str(max(1, int(env["nnUNet_n_proc_DA"])))}
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     workdir.mkdir(parents=True, exist_ok=True)
