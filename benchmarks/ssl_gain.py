@@ -89,7 +89,7 @@ def fold_of(labeled: int) -> int:
 
 def prepare_task(workdir: Path, task: str, settings: dict, log_file: Path) -> str:
     """Generate, plan and preprocess the task's dataset and write its splits, once; return the dataset name."""
-    from nnunetv2_caml.demo.run import _run
+    from nnunetv2_caml.demo.run import _run, planning_env
     from nnunetv2_caml.demo.small_configuration import add_small_configuration
     from nnunetv2_caml.demo.synthetic import dataset_name, generate_dataset
 
@@ -109,9 +109,8 @@ def prepare_task(workdir: Path, task: str, settings: dict, log_file: Path) -> st
         for i in range(settings["labeled"], total):
             shutil.copy(raw / "imagesTr" / f"lab_{i:03d}_0000.nii.gz", unlabeled / f"unl_lab_{i:03d}_0000.nii.gz")
         shutil.rmtree(preprocessed, ignore_errors=True)
-        planning_env = {**env, "nnUNet_n_proc_DA": "1"}  # nnU-Net's planner calls torch.set_num_threads with it
         _run(f"{task}: plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres",
-                                              "-np", "2"], planning_env, log_file)
+                                              "-np", "2"], planning_env(env), log_file)
         _run(f"{task}: preprocess unlabeled", ["nnUNetv2_caml_preprocess_unlabeled", "-d", dataset_id, "-c",
                                                "3d_fullres", "-np", "2"], env, log_file)
         add_small_configuration(dataset_id, CONFIGURATION, features_per_stage=settings["features"],
@@ -128,20 +127,17 @@ def prepare_task(workdir: Path, task: str, settings: dict, log_file: Path) -> st
 def train_and_score(run: dict) -> dict:
     """Train one arm with nnU-Net's training loop (resuming from its latest checkpoint), predict the test images
     with the main network and score them. Runs in its own process (its env names its own nnUNet_results)."""
-    import random
-
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     from nnunetv2_caml.metrics import evaluate_folders
+    from nnunetv2_caml.variants import seed_everything
 
     device = torch.device(run["device"])
     if device.type == "cpu":
         torch.set_num_threads(run.get("threads") or max(1, os.cpu_count() or 1))
-    random.seed(run["seed"])
-    np.random.seed(run["seed"])
-    torch.manual_seed(run["seed"])
+    seed_everything(run["seed"])
     trainer = get_trainer_from_args(run["dataset"], CONFIGURATION, run["fold"], run["trainer"], device=device)
     trainer.num_epochs = run["steps"] // run["iterations_per_epoch"]
     trainer.num_iterations_per_epoch = run["iterations_per_epoch"]

@@ -276,13 +276,13 @@ class nnUNetTrainerCAML_tiny(nnUNetTrainerCAML):
 DEMO_SEED = 0
 
 
-def _seed_demo_run() -> None:
-    """Seed Python, NumPy and torch before a demo trainer builds anything, as the gain benchmark seeds its runs: with
-    augmentation in the training process (``nnUNet_n_proc_DA=0``, the demo's setting on the CPU) a demo run repeats
-    exactly."""
-    random.seed(DEMO_SEED)
-    np.random.seed(DEMO_SEED)
-    torch.manual_seed(DEMO_SEED)
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch before a trainer builds anything: the gain benchmark seeds every run with it, the
+    demo's trainers with ``DEMO_SEED``. With augmentation in the training process (``nnUNet_n_proc_DA=0``, the demo's
+    setting on the CPU) a seeded run repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _demo_schedule(trainer: nnUNetTrainer) -> None:
@@ -297,7 +297,7 @@ class nnUNetTrainerCAML_demo(nnUNetTrainerCAML):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        _seed_demo_run()
+        seed_everything(DEMO_SEED)
         super().__init__(plans, configuration, fold, dataset_json, device)
         _demo_schedule(self)
 
@@ -308,7 +308,7 @@ class nnUNetTrainer_CAMLdemo(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        _seed_demo_run()
+        seed_everything(DEMO_SEED)
         super().__init__(plans, configuration, fold, dataset_json, device)
         _demo_schedule(self)
 

@@ -53,6 +53,12 @@ def _run(step: str, args: List[str], env: dict, log_file: Path) -> None:
     print(f"[caml-demo]   done in {time.time() - start:.0f} s", flush=True)
 
 
+def planning_env(env: dict) -> dict:
+    """``env`` for nnU-Net's planning and preprocessing: its planner calls ``torch.set_num_threads`` with
+    ``nnUNet_n_proc_DA``, which must be at least 1 (training may run with 0)."""
+    return {**env, "nnUNet_n_proc_DA": str(max(1, int(env.get("nnUNet_n_proc_DA", "1"))))}
+
+
 def write_overview_png(images_folder: Path, labels_folder: Path, predictions: Dict[str, Path], output_file: Path,
                        dice: Dict[str, dict]) -> None:
     """One row per test case: image, ground truth and each trainer's prediction on the axial slice with the most
@@ -134,8 +140,7 @@ def run_demo(workdir: str, task: str = "vessel", device: str = "auto", overwrite
     # augmentation workers on the GPU; on the CPU in the training process, which keeps a seeded run repeatable
     env.setdefault("nnUNet_n_proc_DA", "2" if device == "cuda" else "0")
     env.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net's export pools would spawn 8 workers
-    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it needs at least 1
-    preprocessing_env = {**env, "nnUNet_n_proc_DA": str(max(1, int(env["nnUNet_n_proc_DA"])))}
+    preprocessing_env = planning_env(env)
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = workdir / "caml_demo.log"
