@@ -22,11 +22,11 @@ or enhanced above the blood, fat bright or suppressed, bone brighter or darker t
 dimmer or brighter than arteries), contrast, inhomogeneity, blur and noise. A handful of labeled cases
 sees only some protocols, the unlabeled and test cases see all of them, to make the tasks label-bound
 (``benchmarks/ssl_gain.py --calibrate`` measures it; README: the vessel task is, 4 labeled cases stay 12.6 Dice
-points below all 36; the atrium task is not yet: 3.8 points at the benchmark's patch, 7.6 at 32x40x40). Within a
-protocol, every case still varies in shape, position, contrast, noise and bias field, and no global intensity
-threshold separates the label (the tests check that the best threshold's Dice is low). Geometry is drawn in
-millimetres on the voxel grid given by ``shape`` and ``spacing`` (both in numpy z, y, x order) and sized relative to
-the default 48 x 64 x 64 mm field of view.
+points below all 36; the atrium task is not yet: 3.8 points at the benchmark's patch, 5.6 at 32x40x40 over
+four seeds). Within a protocol, every case still varies in shape, position, contrast, noise and bias field, and
+no global intensity threshold separates the label (the tests check that the best threshold's Dice is low).
+Geometry is drawn in millimetres on the voxel grid given by ``shape`` and ``spacing`` (both in numpy z, y, x order)
+and sized relative to the default 48 x 64 x 64 mm field of view.
 
 Case ``i`` of a group (labeled, unlabeled, test) depends only on ``seed``, the task, the group and
 ``i``, so changing one group's size leaves the cases of the other groups unchanged.
