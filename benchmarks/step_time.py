@@ -8,8 +8,11 @@ Needs a planned dataset with preprocessed unlabeled data (``nnUNetv2_caml_prepro
 ``nnUNet_extTrainer`` pointing at this repository's ``trainers/``. Each trainer is built the way ``nnUNetv2_train``
 builds it (same plans, same labeled batch; on CUDA compiled unless ``nnUNet_compile=f``, as nnU-Net decides). Data
 loading is excluded for every trainer alike: the labeled batches (and CAML's unlabeled ones) are loaded and augmented
-before the clock starts, then each timed step is ``train_step(batch)`` followed by a device synchronisation. The
-trainers write their logs into a temporary ``nnUNet_results``, never into yours.
+before the clock starts, the augmentation workers are then shut down (so that refilling their queues takes no CPU
+time from the steps), and each timed step is ``train_step(batch)`` followed by a device synchronisation. On the CPU,
+glibc's malloc thresholds are fixed first (:func:`steady_cpu_allocator`), so that no trainer's time depends on which
+trainers ran before it in the process. The trainers write their logs into a temporary ``nnUNet_results``, never into
+yours.
 
 Prints, per trainer: median and mean s/step, the ratio to the first trainer (stock), the ratio to the two-network
 floor (4 x the first trainer's step: two networks on a doubled batch), the FLOPs of the step's networks (forward and
@@ -30,6 +33,7 @@ one small stage of the auxiliary network: eager's generator instead of random nu
 """
 import argparse
 import copy
+import ctypes
 import gc
 import os
 import tempfile
@@ -96,6 +100,37 @@ def inductor_cache_counts() -> tuple:
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
+def steady_cpu_allocator() -> bool:
+    """On the CPU with glibc: fix malloc's thresholds (trim at 1 GiB, mmap above 32 MiB) so that every trainer in the
+    process allocates in the same regime; returns whether it could. By default glibc raises them as large blocks are
+    freed, so a trainer timed after CAML (larger tensors) gets its memory from the heap, while one timed first keeps
+    handing pages back to the system and faulting them in again: on 2 CPU cores stock's step took about 16 % longer
+    timed first than after CAML (0.138 against 0.117 s at ``3d_cpu``), which made the ratios depend on the order."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    trim_threshold, mmap_threshold = -1, -3  # mallopt's parameter numbers (malloc.h)
+    return bool(libc.mallopt(trim_threshold, 2 ** 30)) and bool(libc.mallopt(mmap_threshold, 32 * 2 ** 20))
+
+
+def stop_augmentation_workers(trainer) -> int:
+    """Shut down the augmentation worker processes of the trainer's data loaders (labeled, validation and CAML's
+    unlabeled) once the batches are loaded; returns how many there were. Left running they refill their queues during
+    the timed steps and take CPU time from them: on 2 CPU cores that made CAML's step, with two loaders, about 15 %
+    slower and its ratio to stock depend on the worker count. ``on_train_end`` shuts them down again: a no-op."""
+    from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+
+    stopped = 0
+    for name in ("dataloader_train", "dataloader_val", "dataloader_unlabeled"):
+        loader = getattr(trainer, name, None)
+        if isinstance(loader, (MultiThreadedAugmenter, NonDetMultiThreadedAugmenter)):
+            stopped += len(loader._processes)
+            loader._finish()
+    return stopped
+
+
 def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, device: torch.device, steps: int,
                  warmup: int, plans: str = "nnUNetPlans", profile: int = 0) -> dict:
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -114,6 +149,8 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
     if unlabeled is not None:  # CAML draws its unlabeled batch inside train_step: load those beforehand as well
         unlabeled_batches = [next(unlabeled) for _ in range(len(batches))]
         patches += unlabeled_batches[0]["data"].shape[0]
+    workers_stopped = stop_augmentation_workers(trainer)
+    if unlabeled is not None:
         trainer.dataloader_unlabeled = iter(unlabeled_batches)
     flops = network_flops(trainer, patches, batches[0]["data"][0])
     times, out_of_memory, report = [], False, None
@@ -144,7 +181,8 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
            "mean_s": float(np.mean(times)) if times else float("nan"), "out_of_memory": out_of_memory,
            "peak_gib": (peak - allocated_before) / 2 ** 30 if cuda else float("nan"),
            "reserved_gib": reserved / 2 ** 30 if cuda else float("nan"), "profile": report, "flops": flops,
-           "batch": trainer.configuration_manager.batch_size, "patch": trainer.configuration_manager.patch_size}
+           "workers_stopped": workers_stopped, "batch": trainer.configuration_manager.batch_size,
+           "patch": trainer.configuration_manager.patch_size}
     if unlabeled is not None:
         trainer.dataloader_unlabeled = unlabeled  # so that on_train_end shuts its workers down
     if out_of_memory:
@@ -176,13 +214,17 @@ def main():
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="caml_step_time_")
     fold = args.f if args.f == "all" else int(args.f)
     device = torch.device(args.device)
+    steady_allocator = False
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+        steady_allocator = steady_cpu_allocator()
     rows = [time_trainer(t, args.d, args.c, fold, device, args.n, args.warmup, args.p, args.profile) for t in args.tr]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"\ndevice {device} ({name}), torch {torch.__version__}, plans {args.p} {args.c}, batch {rows[0]['batch']} "
           f"(+ as many unlabeled for CAML), patch {rows[0]['patch']}, {args.n} timed steps after {args.warmup} "
-          f"warm-up, data loading excluded")
+          f"warm-up, data loading excluded (batches loaded first, then the augmentation workers stopped: "
+          f"{' '.join(str(row['workers_stopped']) for row in rows)} processes)"
+          + ("; glibc's malloc thresholds fixed for all trainers alike" if steady_allocator else ""))
     print(f"{'trainer':36s} {'median s/step':>14s} {'mean s/step':>12s} {'x first':>8s} {'x 4-floor':>10s} "
           f"{'net FLOPs x first':>18s} {'x FLOP floor':>13s} {'peak GiB':>9s} {'reserved GiB':>13s}")
     for row in rows:

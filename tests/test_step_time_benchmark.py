@@ -1,5 +1,6 @@
 """``benchmarks/step_time.py`` runs on real plans and prints one row per trainer with its ratios, and with
 ``--profile`` where the CAML step's time goes."""
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ def test_step_time_prints_each_trainer_against_stock(caml_dataset):
                              "-c", d["configuration"], "-f", "all", "-p", "nnUNetPlans", "-n", "2", "--warmup", "1",
                              "-device", "cpu", "-tr", "nnUNetTrainer", "nnUNetTrainerCAML_noCMA",
                              "nnUNetTrainerCAML_pointwiseUpsampling", "--profile", "1"],
-                            env=d["env"], capture_output=True, text=True, timeout=900)
+                            env={**d["env"], "nnUNet_n_proc_DA": "1"}, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
             if line.startswith("nnUNetTrainer")}
@@ -28,6 +29,14 @@ def test_step_time_prints_each_trainer_against_stock(caml_dataset):
     # with a 1x1x1 convolution after the interpolation the auxiliary network costs about the main one (CMA included)
     assert 3.9 < float(rows["nnUNetTrainerCAML_pointwiseUpsampling"][4]) < 4.4
     assert "plans nnUNetPlans 3d_cpu" in result.stdout
+    # the augmentation workers (labeled and validation loaders; CAML's unlabeled loader too) were stopped before the
+    # clock started, so they take no CPU time from the timed steps
+    workers = re.search(r"augmentation workers stopped: (\d+) (\d+) (\d+) processes", result.stdout)
+    assert workers, result.stdout[-3000:]
+    stock, *caml = map(int, workers.groups())
+    assert stock > 0 and all(n > stock for n in caml)
+    # and every trainer allocated with the same fixed malloc thresholds (glibc), whatever ran before it
+    assert "glibc's malloc thresholds fixed for all trainers alike" in result.stdout
     # the warm-up steps' time per trainer, with the graphs inductor compiled: none, nnU-Net does not compile on the CPU
     warmup = {line.split()[1]: line.split()[2:] for line in result.stdout.splitlines() if line.startswith("warm-up ")}
     assert set(warmup) == set(rows) and all(float(w[0]) > 0 and w[1:] == ["0", "/", "0"] for w in warmup.values())
