@@ -117,7 +117,7 @@ def steady_cpu_allocator() -> bool:
 def stop_augmentation_workers(trainer) -> int:
     """Shut down the augmentation worker processes of the trainer's data loaders (labeled, validation and CAML's
     unlabeled) once the batches are loaded; returns how many there were. Left running they refill their queues during
-    the timed steps and take CPU time from them: on 2 CPU cores that made CAML's step, with two loaders, about 15 %
+    the timed steps and take CPU time from them: on 2 CPU cores that made CAML's step, with two loaders, 15 to 20 %
     slower and its ratio to stock depend on the worker count. ``on_train_end`` shuts them down again: a no-op."""
     from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
     from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
