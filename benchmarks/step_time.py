@@ -118,7 +118,7 @@ def stop_augmentation_workers(trainer) -> int:
     """Shut down the augmentation worker processes of the trainer's data loaders (labeled, validation and CAML's
     unlabeled) once the batches are loaded; returns how many there were. Left running they refill their queues during
     the timed steps and take CPU time from them: on 2 CPU cores that made CAML's step, with two loaders, 15 to 20 %
-    slower and its ratio to stock depend on the worker count. ``on_train_end`` shuts them down again: a no-op."""
+    slower and its ratio to stock depend on the worker count. ``on_train_end`` then finds nothing left to stop."""
     from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
     from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 
@@ -183,8 +183,6 @@ def time_trainer(trainer_name: str, dataset: str, configuration: str, fold, devi
            "reserved_gib": reserved / 2 ** 30 if cuda else float("nan"), "profile": report, "flops": flops,
            "workers_stopped": workers_stopped, "batch": trainer.configuration_manager.batch_size,
            "patch": trainer.configuration_manager.patch_size}
-    if unlabeled is not None:
-        trainer.dataloader_unlabeled = unlabeled  # so that on_train_end shuts its workers down
     if out_of_memory:
         trainer.optimizer.zero_grad(set_to_none=True)
     trainer.on_train_end()
