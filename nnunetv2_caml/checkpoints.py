@@ -7,7 +7,7 @@ the folder holds the complete previous or the complete new checkpoint, never a p
 """
 import hashlib
 import os
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Sequence, Tuple
 
 import torch
 
@@ -70,22 +70,28 @@ def has_caml_state(checkpoint: dict) -> bool:
     return all(k in checkpoint for k in CAML_STATE_KEYS)
 
 
-def caml_state_digest(auxiliary_network_weights: Dict[str, torch.Tensor], occ_heads: Dict[str, torch.Tensor],
-                      memory_bank: dict) -> str:
-    """Short hash of CAML's state (auxiliary network, OCC heads, memory bank entries), as the trainer logs it after a
-    resume: equal digests mean bit-identical state."""
+def tensors_digest(named_tensors: Iterable[Tuple[str, Sequence[torch.Tensor]]]) -> str:
+    """Short hash of named groups of tensors (names, dtypes, shapes and bytes): equal digests mean bit-identical
+    tensors."""
     digest = hashlib.sha1()
-
-    def add(name: str, tensors: Iterable[torch.Tensor]) -> None:
+    for name, tensors in named_tensors:
         digest.update(name.encode())
         for t in tensors:
             t = t.detach().cpu().contiguous()
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-    for weights in (auxiliary_network_weights, occ_heads):
-        for key in sorted(weights):
-            add(key, [weights[key]])
-    for case in sorted(memory_bank["entries"]):
-        add(case, memory_bank["entries"][case])
     return digest.hexdigest()[:12]
+
+
+def weights_digest(weights: Dict[str, torch.Tensor]) -> str:
+    """:func:`tensors_digest` of a ``state_dict``."""
+    return tensors_digest((key, [weights[key]]) for key in sorted(weights))
+
+
+def caml_state_digest(auxiliary_network_weights: Dict[str, torch.Tensor], occ_heads: Dict[str, torch.Tensor],
+                      memory_bank: dict) -> str:
+    """Short hash of CAML's state (auxiliary network, OCC heads, memory bank entries), as the trainer logs it after a
+    resume: equal digests mean bit-identical state."""
+    return tensors_digest([*((key, [weights[key]]) for weights in (auxiliary_network_weights, occ_heads)
+                             for key in sorted(weights)),
+                           *((case, memory_bank["entries"][case]) for case in sorted(memory_bank["entries"]))])

@@ -11,7 +11,7 @@
 :class:`DecoderFeatures` reads, for either network, the feature map that feeds the segmentation head (the output of
 the last decoder stage, full resolution): the voxel embeddings used by OCC.
 """
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,27 @@ def with_local_contrast_input(network: nn.Module, sigma: float) -> nn.Module:
     else:
         encoder.stages[0] = LocalContrastInput(encoder.stages[0], sigma)
     return network
+
+
+def copy_plans_unet_weights(plans_unet: nn.Module, auxiliary: nn.Module) -> List[str]:
+    """Copy the plans' U-Net's weights into the auxiliary network wherever the two share a module: the encoder (stem,
+    stages) and the decoder's stages, seen through CMA's and the local-contrast view's wrappers. The segmentation
+    layers are not copied (nnU-Net's rule for pretrained weights), nor what only the auxiliary network has (CMA, the
+    interpolation upsampling). Returns the auxiliary network's ``state_dict`` keys that were copied."""
+    # a wrapper at `name` holds the plans' module as `name.stage`; innermost (longest name) first, for nested ones
+    wrappers = sorted((name for name, module in auxiliary.named_modules(remove_duplicate=False)
+                       if isinstance(module, (EncoderStageWithCMA, LocalContrastInput))), key=len, reverse=True)
+    source, target = plans_unet.state_dict(), auxiliary.state_dict()
+    copied = {}
+    for key, tensor in target.items():
+        plans_key = key
+        for name in wrappers:
+            if plans_key.startswith(name + ".stage."):
+                plans_key = name + plans_key[len(name) + len(".stage"):]
+        if ".seg_layers." not in key and plans_key in source and source[plans_key].shape == tensor.shape:
+            copied[key] = source[plans_key]
+    auxiliary.load_state_dict({**target, **copied})
+    return list(copied)
 
 
 class DecoderFeatures:

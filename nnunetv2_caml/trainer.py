@@ -40,14 +40,15 @@ from torch.profiler import record_function
 
 from nnunetv2_caml.checkpoints import (CHECKPOINT_AUXILIARY_NETWORK, CHECKPOINT_MEMORY_BANK, CHECKPOINT_OCC_HEADS,
                                        CHECKPOINT_SETTINGS, CAMLCheckpointError, caml_state_digest, has_caml_state,
-                                       read_checkpoint, save_atomically)
+                                       read_checkpoint, save_atomically, weights_digest)
 from nnunetv2_caml.distributed import (average_buffers, average_gradients, broadcast_from_rank_zero, every_rank,
                                        on_every_rank, rank_seeds, split_batch)
 from nnunetv2_caml.errors import CAMLError, install_one_line_errors
 from nnunetv2_caml.local_contrast import DEFAULT_SIGMA
 from nnunetv2_caml.losses import (CONSISTENCY_DISTANCES, CONSISTENCY_DISTANCES_TEXT, mutual_consistency_loss,
                                   sigmoid_rampup)
-from nnunetv2_caml.networks import DecoderFeatures, build_auxiliary_network, feature_channels, unwrapped
+from nnunetv2_caml.networks import (DecoderFeatures, build_auxiliary_network, copy_plans_unet_weights,
+                                    feature_channels, unwrapped)
 from nnunetv2_caml.occ import OmniCorrelationConsistency
 from nnunetv2_caml.perturbed_views import UnlabeledDataLoaderWithPerturbedView
 from nnunetv2_caml.progress import CAML_LOSS_KEYS, CAML_MEMORY_KEY, CAMLLocalLogger
@@ -58,9 +59,9 @@ install_one_line_errors()  # nnUNetv2_train imports this module: its CAML refusa
 #: the trainer attributes that make up CAML's settings (logged at the start, after --c, stored in checkpoints)
 CAML_SETTINGS = ("lambda_s", "lambda_c", "lambda_o", "rampup_fraction", "sharpen_temperature",
                  "consistency_distance", "detach_sharpened_targets", "use_cma", "cma_stage", "cma_num_heads",
-                 "auxiliary_upsampling_kernel_size", "auxiliary_local_contrast", "use_occ", "occ_embedding_dim",
-                 "occ_temperature", "occ_top_k", "memory_per_class", "memory_entries_per_case", "unlabeled_batch_size",
-                 "perturbed_view", "max_consecutive_nonfinite_steps")
+                 "auxiliary_upsampling_kernel_size", "auxiliary_local_contrast", "auxiliary_from_pretrained",
+                 "use_occ", "occ_embedding_dim", "occ_temperature", "occ_top_k", "memory_per_class",
+                 "memory_entries_per_case", "unlabeled_batch_size", "perturbed_view", "max_consecutive_nonfinite_steps")
 #: the settings that shape the auxiliary network's modules: a checkpoint resumes only into the same auxiliary network
 AUXILIARY_NETWORK_SETTINGS = ("use_cma", "cma_stage", "cma_num_heads", "auxiliary_upsampling_kernel_size",
                               "auxiliary_local_contrast")
@@ -95,6 +96,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self.auxiliary_upsampling_kernel_size = None  # conv after the aux decoder's interpolation: None 3x3x3, or 1
         self.auxiliary_local_contrast = DEFAULT_SIGMA  # the aux network sees the local-contrast view (sigma, voxels)
                                                 # (local_contrast.py; paper: None, nnU-Net's input)
+        self.auxiliary_from_pretrained = True   # with -pretrained_weights the aux network starts from them too
         self.use_occ = True                     # Omni-Correlation Consistency
         self.occ_embedding_dim = 32
         self.occ_temperature = 0.1
@@ -112,6 +114,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self._iterations_this_epoch = 0
         self._nonfinite_in_a_row = 0
         self._resumed_without_caml_state = None  # the checkpoint loaded, when it held only the main network
+        self._main_network_at_initialization = None  # digest of its weights, until a checkpoint is loaded
         self.logger.local_logger = CAMLLocalLogger()
 
         if self.is_cascaded:
@@ -149,6 +152,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         # forward hooks on the last decoder stage: dynamo traces them into each network's graph (no graph break)
         self._features_main = DecoderFeatures(unwrapped(self.network))
         self._features_aux = DecoderFeatures(unwrapped(self.auxiliary_network))
+        self._main_network_at_initialization = weights_digest(unwrapped(self.network).state_dict())
         self.print_to_log_file("CAML settings: " + ", ".join(f"{k}={v}" for k, v in self.caml_settings().items()))
 
     def caml_settings(self) -> dict:
@@ -234,7 +238,25 @@ class nnUNetTrainerCAML(nnUNetTrainer):
                 f"{filename} was written by {trainer_name} and holds only the main network (no auxiliary network, "
                 f"OCC heads or memory bank): CAML cannot resume it with --c. --val still validates it; to train CAML, "
                 f"move {self.output_folder} away and start without --c")
+        if self.auxiliary_from_pretrained and self._main_network_was_given_pretrained_weights():
+            self._initialize_auxiliary_network_from_main()
         super().on_train_start()
+
+    def _main_network_was_given_pretrained_weights(self) -> bool:
+        """True when the main network's weights changed after :meth:`initialize` without a checkpoint being loaded:
+        what nnU-Net's ``-pretrained_weights`` does (``nnUNetv2_train`` loads them into ``self.network`` only)."""
+        return self._main_network_at_initialization is not None and \
+            weights_digest(unwrapped(self.network).state_dict()) != self._main_network_at_initialization
+
+    def _initialize_auxiliary_network_from_main(self) -> None:
+        """Start the auxiliary network from the main network's pretrained weights where the two share a module."""
+        auxiliary = unwrapped(self.auxiliary_network)
+        copied = copy_plans_unet_weights(unwrapped(self.network), auxiliary)
+        self.print_to_log_file(
+            f"CAML: the main network starts from pretrained weights (-pretrained_weights); the auxiliary network takes "
+            f"them where it has the same modules: {len(copied)} of {len(auxiliary.state_dict())} tensors (encoder, "
+            f"decoder stages); the others (its segmentation layers and the modules the main network lacks) keep their "
+            f"random initialisation (auxiliary_from_pretrained=False keeps all of it)")
 
     def on_train_end(self):
         super().on_train_end()
@@ -402,6 +424,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         checkpoint = read_checkpoint(filename, self.device)
         if not has_caml_state(checkpoint):
             self._load_main_network_only(checkpoint)
+            self._main_network_at_initialization = None  # a checkpoint's weights are not pretrained weights
             trainer_name = checkpoint.get("trainer_name", "an unknown trainer")
             self._resumed_without_caml_state = (filename, trainer_name)
             self.print_to_log_file(f"CAML: {filename} (written by {trainer_name}) holds only the main network: "
@@ -416,7 +439,8 @@ class nnUNetTrainerCAML(nnUNetTrainer):
                 f"{filename} holds an auxiliary network of another shape ({', '.join(differing)}): resume it with a "
                 f"trainer of those settings (nnUNetTrainerCAML_noLocalContrast for auxiliary_local_contrast=None, as in "
                 f"checkpoints written before the local-contrast view) or start over without --c")
-        super().load_checkpoint(filename)
+        super().load_checkpoint(filename)  # initializes the trainer first when needed
+        self._main_network_at_initialization = None  # a checkpoint's weights are not pretrained weights
         self._resumed_without_caml_state = None
         unwrapped(self.auxiliary_network).load_state_dict(checkpoint[CHECKPOINT_AUXILIARY_NETWORK])
         self.occ.load_state_dict(checkpoint[CHECKPOINT_OCC_HEADS])

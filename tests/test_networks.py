@@ -1,4 +1,6 @@
 """The auxiliary network built from nnU-Net plans, and the decoder feature tap, for 2D and 3D, plain and residual."""
+import re
+
 import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -6,7 +8,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_caml.cma import CrossSampleMutualAttention
 from nnunetv2_caml.networks import (DecoderFeatures, EncoderStageWithCMA, InterpolationUpsampling,
-                                    build_auxiliary_network, feature_channels)
+                                    build_auxiliary_network, copy_plans_unet_weights, feature_channels)
 
 
 def configuration(dim: int, residual: bool = False) -> ConfigurationManager:
@@ -114,3 +116,22 @@ def test_pointwise_upsampling_costs_what_transposed_convolutions_cost(dim):
         [o.shape for o in main(torch.randn(2, 1, *[16] * dim))]
     # a 1x1 convolution after interpolation has the multiply-adds of the 2x2 transposed convolution it replaces
     assert flops(pointwise) == flops(main) < flops(paper)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_plans_unet_weights_reach_the_auxiliary_network_through_its_wrappers(residual):
+    torch.manual_seed(0)
+    config = configuration(3, residual)
+    # CMA on the first stage, inside the local-contrast view's wrapper (of the stem where there is one): nested
+    auxiliary = build_auxiliary_network(config, 1, 3, cma_stage=0, local_contrast_sigma=2.0)
+    main = nnUNetTrainer.build_network_architecture(None, config, 1, 3, True)
+    before = {k: v.clone() for k, v in auxiliary.state_dict().items()}
+    copied = set(copy_plans_unet_weights(main, auxiliary))
+    source, after = main.state_dict(), auxiliary.state_dict()
+    assert copied == {k for k in after if not any(s in k for s in (".seg_layers.", ".cma.", ".transpconvs."))}
+    for key, tensor in after.items():
+        if key in copied:
+            assert torch.equal(tensor, source[re.sub(r"\.stage(?=\.)", "", key)]), key
+        else:
+            assert torch.equal(tensor, before[key]), key
+    assert any(k.startswith("encoder.stem.stage." if residual else "encoder.stages.0.stage.stage.") for k in copied)

@@ -1,5 +1,6 @@
 """nnUNetTrainerCAML through nnU-Net's real command-line tools: train, predict, resume, and fail loudly."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import run_cli
+from conftest import EXT_TRAINERS_WITH_TESTS, run_cli
 
 TRAINER = "nnUNetTrainerCAML_tiny"
 
@@ -58,6 +59,35 @@ def test_training_writes_caml_checkpoint_and_progress(trained):
     # nnU-Net's final validation ran on the main network
     summary = json.loads((trained["output"] / "validation" / "summary.json").read_text())
     assert "foreground_mean" in summary
+    assert "pretrained weights" not in trained["stdout"]  # a run from scratch starts both networks at random
+
+
+def test_pretrained_weights_start_both_networks(trained):
+    """``-pretrained_weights`` (nnU-Net loads them into the main network) starts the auxiliary network from the same
+    weights wherever it has the main network's modules."""
+    trainer = "nnUNetTrainerCAML_lr0Test"  # tests/trainers: checkpoint_final holds the weights training starts from
+    pretrained = trained["output"] / "checkpoint_final.pth"
+    result = run_cli(["nnUNetv2_train", trained["dataset_id"], trained["configuration"], "all", "-tr", trainer,
+                      "-device", "cpu", "-pretrained_weights", pretrained],
+                     {**trained["env"], "nnUNet_extTrainer": EXT_TRAINERS_WITH_TESTS})
+    start = _load(trained["output"].parent.parent / f"{trainer}__nnUNetPlans__{trained['configuration']}" / "fold_all"
+                  / "checkpoint_final.pth")
+    source = _load(pretrained)["network_weights"]
+    main, auxiliary = start["network_weights"], start["caml_auxiliary_network_weights"]
+    # nnU-Net's part: all but the segmentation layers (of which the trained full-resolution one differs from both
+    # networks' random ones; the lowest deep-supervision layer has loss weight 0 and kept its zero bias)
+    head = max((k for k in source if ".seg_layers." in k), key=lambda k: int(k.split(".")[2]))
+    assert all(torch.equal(main[k], v) for k, v in source.items() if ".seg_layers." not in k)
+    assert not torch.equal(main[head], source[head]) and not torch.equal(auxiliary[head], source[head])
+    # the auxiliary network: every tensor of a module the main network has (CMA and the local-contrast view wrap
+    # encoder stages as `.stage`) except the segmentation layers; not CMA, not the interpolation upsampling
+    plans_keys = {k: re.sub(r"\.stage(?=\.)", "", k) for k in auxiliary}
+    copied = {k for k, v in auxiliary.items() if ".seg_layers." not in k and plans_keys[k] in source
+              and torch.equal(v, source[plans_keys[k]])}
+    expected = {k for k in auxiliary if not any(s in k for s in (".seg_layers.", ".cma.", ".transpconvs."))}
+    assert copied == expected and any(".stage." in k for k in copied) and any("decoder.stages" in k for k in copied)
+    assert f"the auxiliary network takes them where it has the same modules: {len(expected)} of {len(auxiliary)}" \
+           in result.stdout
 
 
 def test_nnunetv2_predict_uses_caml_checkpoint(trained, tmp_path):

@@ -86,6 +86,19 @@ class nnUNetTrainerCAML_paperTest(nnUNetTrainerCAML_paper):
         _consistency_test_schedule(self)
 
 
+class nnUNetTrainerCAML_lr0Test(nnUNetTrainerCAML):
+    """One step at learning rate 0: its checkpoint_final holds the weights training starts from (nnU-Net cannot run
+    zero epochs: its poly schedule divides by their number)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 0.0
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 1
+        self.num_val_iterations_per_epoch = 1
+
+
 class nnUNetTrainerCAML_compileOnCPU(nnUNetTrainerCAML):
     """Compiles as nnU-Net does on CUDA (``nnUNet_compile`` unset or true), on the CPU as well, where nnU-Net never
     compiles: lets ``benchmarks/compile_check.py`` check dynamo's capture of both networks without a GPU."""
