@@ -238,7 +238,9 @@ class nnUNetTrainerCAML(nnUNetTrainer):
                 f"{filename} was written by {trainer_name} and holds only the main network (no auxiliary network, "
                 f"OCC heads or memory bank): CAML cannot resume it with --c. --val still validates it; to train CAML, "
                 f"move {self.output_folder} away and start without --c")
-        if self.auxiliary_from_pretrained and self._main_network_was_given_pretrained_weights():
+        # multi-GPU: decided on all ranks together (each loaded the same file), so that they keep one auxiliary network
+        if self.auxiliary_from_pretrained and on_every_rank(self._main_network_was_given_pretrained_weights(),
+                                                            self.device):
             self._initialize_auxiliary_network_from_main()
         super().on_train_start()
 
