@@ -51,6 +51,8 @@ TEMPORARY_FOLDER = ".unfinished"
 CASE_FILE_SUFFIXES = ("_seg.b2nd", ".pkl", ".b2nd")
 #: key in each preprocessed case's properties holding :func:`preprocessing_fingerprint` of its plans
 FINGERPRINT_KEY = "caml_preprocessing"
+#: what fingerprints of earlier versions stored that does not decide a case's content (see preprocessing_fingerprint)
+FINGERPRINT_KEYS_NO_LONGER_COMPARED = ("plans_name",)
 #: an unlabeled image's spacing may differ from the labeled images' median by at most this factor per axis
 MAX_SPACING_RATIO = 10.0
 
@@ -61,13 +63,14 @@ class UnlabeledDataError(CAMLError):
 
 def preprocessing_fingerprint(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                               dataset_json: dict) -> dict:
-    """Everything in the plans that decides what a preprocessed case contains: the plans' identity, reader and axis
-    order, the configuration's preprocessor, spacing, normalisation and resampling, the channels, and (for CT
-    normalisation) the intensity statistics. Plain JSON values, so it compares equal with what a case stored."""
+    """Everything in the plans that decides what a preprocessed case contains: the reader and axis order, the
+    configuration's preprocessor, spacing, normalisation and resampling, the channels, and (for CT normalisation) the
+    intensity statistics. Not the plans' name: plans that share a data identifier share the unlabeled data, as nnU-Net
+    shares the labeled data (its ResEnc presets use the default plans' 2d and 3d_fullres data). Plain JSON values, so
+    it compares equal with what a case stored."""
     configuration = configuration_manager.configuration
     plans = plans_manager.plans
-    fingerprint = {"plans_name": plans_manager.plans_name,
-                   "image_reader_writer": plans.get("image_reader_writer"),
+    fingerprint = {"image_reader_writer": plans.get("image_reader_writer"),
                    "transpose_forward": plans.get("transpose_forward"),
                    **{k: configuration.get(k) for k in ("preprocessor_name", "spacing", "normalization_schemes",
                                                         "use_mask_for_norm", "resampling_fn_data",
@@ -83,7 +86,8 @@ def fingerprint_differences(stored: Union[dict, None], expected: dict) -> str:
     """What differs between a case's stored fingerprint and the plans', in words (empty if nothing)."""
     if stored is None:
         return "made by a version without fingerprints"
-    keys = [k for k in expected if stored.get(k) != expected[k]] + [k for k in stored if k not in expected]
+    keys = [k for k in expected if stored.get(k) != expected[k]] + \
+        [k for k in stored if k not in expected and k not in FINGERPRINT_KEYS_NO_LONGER_COMPARED]
     return "; ".join(f"{k} {stored.get(k)} -> {expected.get(k)}" for k in keys)
 
 

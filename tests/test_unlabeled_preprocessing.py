@@ -22,7 +22,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class, nn
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_caml.unlabeled import (FINGERPRINT_KEY, TEMPORARY_FOLDER, UNLABELED_IMAGES_FOLDER, UnlabeledDataError,
-                                     assert_unlabeled_data_ready, preprocessing_fingerprint,
+                                     assert_unlabeled_data_ready, fingerprint_differences, preprocessing_fingerprint,
                                      unlabeled_case_identifiers, unlabeled_preprocessed_folder)
 
 DATASET_ID = 987
@@ -194,6 +194,36 @@ def test_rerun_skips_and_overwrite_redoes(env, first_run):
     assert after.keys() == before.keys()
     assert all(after[f][1] != before[f][1] for f in before)
     assert unlabeled_case_identifiers(folder) == UNLABELED_IDS
+
+
+def test_plans_sharing_nnunets_data_share_the_unlabeled_cases(nnunet_paths, first_run):
+    """Plans of another name with the same data identifier (as nnU-Net's ResEnc presets write for 3d_fullres) use the
+    unlabeled cases already made: the command skips them, the trainer's check accepts them."""
+    env = nnunet_paths
+    plans_file = join(env["nnUNet_preprocessed"], DATASET, "nnUNetSharedDataPlans.json")
+    with open(join(env["nnUNet_preprocessed"], DATASET, "nnUNetPlans.json")) as f:
+        plans = json.load(f)
+    plans["plans_name"] = "nnUNetSharedDataPlans"
+    assert plans["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlans_3d_fullres"
+    with open(plans_file, "w") as f:
+        json.dump(plans, f)
+    try:
+        before = _snapshot(_output_folder(env))
+        result = _run(env, "nnUNetv2_caml_preprocess_unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "-plans_name",
+                      "nnUNetSharedDataPlans", "-np", 1)
+        assert result.returncode == 0 and "0 to preprocess, 3 already finished and skipped" in result.stdout, \
+            result.stdout + result.stderr
+        assert _snapshot(_output_folder(env)) == before
+        pm = PlansManager(plans_file)
+        with open(join(env["nnUNet_preprocessed"], DATASET, "dataset.json")) as f:
+            fingerprint = preprocessing_fingerprint(pm, pm.get_configuration("3d_fullres"), json.load(f))
+        assert assert_unlabeled_data_ready(DATASET, "nnUNetPlans_3d_fullres", "3d_fullres", "nnUNetSharedDataPlans",
+                                           fingerprint) == _output_folder(env)
+    finally:
+        os.remove(plans_file)
+    # cases made by earlier versions, whose fingerprints held the plans' name, are not stale for it
+    assert fingerprint_differences({**fingerprint, "plans_name": "nnUNetPlans"}, fingerprint) == ""
+    assert "added" in fingerprint_differences({**fingerprint, "added": 1}, fingerprint)
 
 
 def test_interrupted_case_is_redone(env, first_run):
