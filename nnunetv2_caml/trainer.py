@@ -194,7 +194,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         unlabeled_folder = assert_unlabeled_data_ready(self.plans_manager.dataset_name,
                                                        self.configuration_manager.data_identifier,
                                                        self.configuration_name, self.plans_manager.plans_name,
-                                                       fingerprint)
+                                                       fingerprint, self.dataset_json)
         dataloader_train, dataloader_val = super().get_dataloaders()
         self.dataloader_unlabeled = self._get_unlabeled_dataloader(unlabeled_folder)
         self.print_to_log_file(f"CAML: training on {self._num_labeled_cases} labeled case(s) of fold {self.fold} and "

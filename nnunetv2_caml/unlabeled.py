@@ -106,6 +106,18 @@ def _describe_stale(stale: Dict[str, str], total: int) -> str:
     return f"{len(stale)} of {total} case(s) were preprocessed with other settings (e.g. {first}: {stale[first]})"
 
 
+def _describe_orphans(orphans: Sequence[str], total: int, raw_images: str) -> str:
+    return (f"{len(orphans)} of {total} preprocessed case(s) have no image in {raw_images} any more (e.g. "
+            f"{orphans[0]})")
+
+
+def _remove_case(folder: str, case_id: str) -> None:
+    """Delete a finished case's files in the reverse order of CASE_FILE_SUFFIXES: the data file first."""
+    for suffix in reversed(CASE_FILE_SUFFIXES):
+        if isfile(join(folder, case_id + suffix)):
+            os.remove(join(folder, case_id + suffix))
+
+
 def unlabeled_preprocessed_folder(preprocessed_dataset_folder: str) -> str:
     """Map nnU-Net's labeled folder ``.../DatasetXXX/<data_identifier>`` to its sibling
     ``.../DatasetXXX/<data_identifier>_unlabeled``."""
@@ -377,6 +389,7 @@ def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Se
     plans_manager, dataset_json = _load_plans(dataset_name, plans_identifier)
     managers = _configuration_managers(plans_manager, configurations, plans_identifier)
     cases = find_unlabeled_cases(join(nnUNet_raw, dataset_name), dataset_json)
+    raw_images = join(nnUNet_raw, dataset_name, UNLABELED_IMAGES_FOLDER)
 
     done_by: Dict[str, str] = {}  # output folder -> configuration that produced it
     for c, configuration_manager in managers.items():
@@ -387,7 +400,17 @@ def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Se
             continue
         done_by[output_folder] = c
         fingerprint = preprocessing_fingerprint(plans_manager, configuration_manager, dataset_json)
-        finished = set() if overwrite else set(unlabeled_case_identifiers(output_folder)) & set(cases)
+        present = unlabeled_case_identifiers(output_folder)
+        orphans = [k for k in present if k not in cases]  # their images were removed from imagesTrUnlabeled
+        if orphans and not overwrite:
+            raise UnlabeledDataError(f"{output_folder}: {_describe_orphans(orphans, len(present), raw_images)}, and "
+                                     f"training would still use them: put the images back, or add --overwrite to "
+                                     f"remove those cases and redo the others")
+        for k in orphans:
+            _remove_case(output_folder, k)
+        if orphans:
+            print(f"{c}: removed {len(orphans)} preprocessed case(s) whose images are no longer in {raw_images}")
+        finished = set() if overwrite else set(present)
         stale = stale_unlabeled_cases(output_folder, sorted(finished), fingerprint)
         if stale:
             raise UnlabeledDataError(f"{output_folder}: {_describe_stale(stale, len(finished))}, e.g. after nnU-Net's "
@@ -411,29 +434,63 @@ def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Se
 
 
 def assert_unlabeled_data_ready(dataset_name: str, data_identifier: str, configuration_name: str,
-                                plans_identifier: str = "nnUNetPlans", fingerprint: Union[dict, None] = None) -> str:
+                                plans_identifier: str = "nnUNetPlans", fingerprint: Union[dict, None] = None,
+                                dataset_json: Union[dict, None] = None) -> str:
     """Return the unlabeled preprocessed folder for a training run if it holds a finished case (and, given the
-    plans' ``fingerprint``, every case was made with those plans); otherwise raise UnlabeledDataError saying
-    what to do. Cheap: two directory listings and one small pickle per case."""
+    plans' ``fingerprint``, every case was made with those plans, and, where ``imagesTrUnlabeled`` holds images, the
+    folder holds exactly those cases); otherwise raise UnlabeledDataError saying what to do. Cheap: three directory
+    listings and one small pickle per case. ``dataset_json`` (for the images' file ending) defaults to the one nnU-Net
+    copied into nnUNet_preprocessed."""
     if not nnUNet_preprocessed.is_set():
         raise UnlabeledDataError("environment variable nnUNet_preprocessed is not set: export it")
     folder = unlabeled_preprocessed_folder(join(nnUNet_preprocessed, dataset_name, data_identifier))
     command = _preprocess_command(dataset_name, [configuration_name], plans_identifier)
     case_ids = unlabeled_case_identifiers(folder)
+    raw_images = join(nnUNet_raw.get(), dataset_name, UNLABELED_IMAGES_FOLDER) if nnUNet_raw.is_set() else None
     if case_ids:
         stale = stale_unlabeled_cases(folder, case_ids, fingerprint) if fingerprint is not None else {}
         if stale:
             raise UnlabeledDataError(f"the unlabeled data in {folder} does not match the plans of configuration "
                                      f"{configuration_name}: {_describe_stale(stale, len(case_ids))}: run "
                                      f"`{command} --overwrite`")
+        _assert_cases_match_raw_images(folder, case_ids, raw_images, dataset_name, dataset_json, configuration_name,
+                                       command)
         return folder
-    raw_images = join(nnUNet_raw.get(), dataset_name, UNLABELED_IMAGES_FOLDER) if nnUNet_raw.is_set() else None
     if raw_images is None or not _has_visible_files(raw_images):
         where = raw_images or f"$nnUNet_raw/{dataset_name}/{UNLABELED_IMAGES_FOLDER} (nnUNet_raw is not set)"
         raise UnlabeledDataError(f"CAML needs unlabeled images: put them in {where} (named like imagesTr), "
                                  f"then run `{command}`")
     raise UnlabeledDataError(f"the unlabeled images in {raw_images} are not preprocessed for configuration "
                              f"{configuration_name} (no finished case in {folder}): run `{command}`")
+
+
+def _assert_cases_match_raw_images(folder: str, case_ids: Sequence[str], raw_images: Union[str, None],
+                                   dataset_name: str, dataset_json: Union[dict, None], configuration_name: str,
+                                   command: str) -> None:
+    """Refuse preprocessed unlabeled cases that differ from the images in ``raw_images``: images added (or left
+    unfinished by an interrupted run) that training would silently leave out, or images removed that it would still
+    use. Where the raw images are not there (e.g. only nnUNet_preprocessed was copied to the training machine), there
+    is nothing to compare."""
+    if raw_images is None or not _has_visible_files(raw_images):
+        return
+    if dataset_json is None:
+        dataset_json_file = join(nnUNet_preprocessed, dataset_name, "dataset.json")
+        if not isfile(dataset_json_file):
+            return
+        dataset_json = load_json(dataset_json_file)
+    ending = dataset_json["file_ending"]
+    raw_ids = {f[:-len(ending) - len("_0000")] for f in os.listdir(raw_images)
+               if not f.startswith(".") and re.fullmatch(r".+_\d{4}" + re.escape(ending), f)}
+    missing = sorted(raw_ids - set(case_ids))
+    if missing:
+        raise UnlabeledDataError(f"{len(missing)} of {len(raw_ids)} unlabeled case(s) in {raw_images} are not "
+                                 f"preprocessed for configuration {configuration_name} (e.g. {missing[0]}; added "
+                                 f"since, or the preprocessing was interrupted), so training would leave them out: "
+                                 f"run `{command}`")
+    orphans = sorted(set(case_ids) - raw_ids)
+    if orphans:
+        raise UnlabeledDataError(f"{folder}: {_describe_orphans(orphans, len(case_ids), raw_images)}, and training "
+                                 f"would still use them: put the images back, or run `{command} --overwrite`")
 
 
 def preprocess_unlabeled_entry() -> None:

@@ -144,6 +144,19 @@ def test_training_without_unlabeled_preprocessing_names_the_command(caml_dataset
     assert f"nnUNetv2_caml_preprocess_unlabeled -d {d['dataset_id']} -c {d['configuration']}" in message
 
 
+def test_training_with_an_unlabeled_image_added_since_preprocessing_names_the_command(caml_dataset):
+    d = caml_dataset
+    raw_unlabeled = d["raw"] / "imagesTrUnlabeled"
+    added = raw_unlabeled / "unl_added_0000.nii.gz"
+    shutil.copy(next(raw_unlabeled.glob("*_0000.nii.gz")), added)
+    try:
+        message = _train_error(d)
+    finally:
+        added.unlink()
+    assert "unl_added" in message and "not preprocessed" in message, message
+    assert f"nnUNetv2_caml_preprocess_unlabeled -d {d['dataset_id']} -c {d['configuration']}`" in message
+
+
 def test_training_without_imagesTrUnlabeled_says_where_to_put_them(caml_dataset):
     d = caml_dataset
     folder = d["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"

@@ -388,6 +388,44 @@ def test_plans_changed_after_preprocessing(nnunet_paths, broken):
     assert nnUNetDatasetBlosc2(folder).load_case("unl_001")[3][FINGERPRINT_KEY]["spacing"] == [1.5, 1.5, 1.5]
 
 
+def test_images_added_or_removed_after_preprocessing(nnunet_paths, broken):
+    """The preprocessed cases must be the images in imagesTrUnlabeled: an image added since (or left unfinished) would
+    be left out of training, a removed one still used. The trainer's check refuses both and names the command; the
+    command preprocesses the added one, and removes the other only with --overwrite. Without the raw images (only
+    nnUNet_preprocessed copied to the training machine) there is nothing to compare."""
+    env = nnunet_paths
+    command = f"nnUNetv2_caml_preprocess_unlabeled -d {BROKEN_ID} -c 3d_fullres"
+    _new_case(broken, _make_case(np.random.default_rng(5))[0])
+    with pytest.raises(UnlabeledDataError) as error:
+        assert_unlabeled_data_ready(BROKEN, "nnUNetPlans_3d_fullres", "3d_fullres")
+    message = str(error.value)
+    assert "1 of 4 unlabeled case(s)" in message and "unl_003" in message and f"`{command}`" in message, message
+    added = _run(env, "nnUNetv2_caml_preprocess_unlabeled", "-d", BROKEN_ID, "-np", 1)
+    assert added.returncode == 0 and "1 to preprocess, 3 already finished" in added.stdout, added.stderr
+    folder = assert_unlabeled_data_ready(BROKEN, "nnUNetPlans_3d_fullres", "3d_fullres")
+
+    os.remove(join(broken, f"unl_001_0000{ENDING}"))
+    with pytest.raises(UnlabeledDataError) as error:
+        assert_unlabeled_data_ready(BROKEN, "nnUNetPlans_3d_fullres", "3d_fullres")
+    message = str(error.value)
+    assert "1 of 4 preprocessed case(s) have no image" in message and "unl_001" in message, message
+    assert f"`{command} --overwrite`" in message
+    before = _snapshot(env["nnUNet_preprocessed"])
+    refused = _run(env, "nnUNetv2_caml_preprocess_unlabeled", "-d", BROKEN_ID, "-np", 1)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1 and "unl_001" in lines[0] and "--overwrite" in lines[0], \
+        refused.stderr
+    assert _snapshot(env["nnUNet_preprocessed"]) == before
+    redo = _run(env, "nnUNetv2_caml_preprocess_unlabeled", "-d", BROKEN_ID, "-np", 1, "--overwrite")
+    assert redo.returncode == 0 and "removed 1 preprocessed case(s)" in redo.stdout, redo.stdout + redo.stderr
+    assert unlabeled_case_identifiers(folder) == ["unl_000", "unl_002", "unl_003"]
+    assert not any(f.startswith("unl_001") for f in os.listdir(folder))
+    assert assert_unlabeled_data_ready(BROKEN, "nnUNetPlans_3d_fullres", "3d_fullres") == folder
+
+    shutil.rmtree(broken)
+    assert assert_unlabeled_data_ready(BROKEN, "nnUNetPlans_3d_fullres", "3d_fullres") == folder
+
+
 def test_ready_returns_folder(nnunet_paths, first_run):
     assert assert_unlabeled_data_ready(DATASET, "nnUNetPlans_3d_fullres", "3d_fullres") == _output_folder(nnunet_paths)
 
