@@ -219,6 +219,11 @@ def _labeled_identifiers(raw_dataset_folder: str, dataset_json: dict) -> set:
     return ids
 
 
+def _image_name_pattern(file_ending: str) -> re.Pattern:
+    """nnU-Net's image file name, CASE_XXXX<file_ending>: group 1 the case id, group 2 the channel index."""
+    return re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
+
+
 def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[str, List[str]]:
     """Validate ``imagesTrUnlabeled`` of a raw dataset and return {case id: [channel files in order]}.
 
@@ -232,7 +237,7 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
     if not files:
         raise UnlabeledDataError(f"no unlabeled images: put them in {folder} (named like imagesTr: "
                                  f"CASE_0000{ending})")
-    name_pattern = re.compile(r"(.+)_(\d{4})" + re.escape(ending))
+    name_pattern = _image_name_pattern(ending)
     found: Dict[str, set] = {}
     for f in files:
         if not f.endswith(ending):
@@ -478,9 +483,9 @@ def _assert_cases_match_raw_images(folder: str, case_ids: Sequence[str], raw_ima
         if not isfile(dataset_json_file):
             return
         dataset_json = load_json(dataset_json_file)
-    ending = dataset_json["file_ending"]
-    raw_ids = {f[:-len(ending) - len("_0000")] for f in os.listdir(raw_images)
-               if not f.startswith(".") and re.fullmatch(r".+_\d{4}" + re.escape(ending), f)}
+    name_pattern = _image_name_pattern(dataset_json["file_ending"])
+    raw_ids = {match.group(1) for match in map(name_pattern.fullmatch, os.listdir(raw_images))
+               if match is not None and not match.group(1).startswith(".")}
     missing = sorted(raw_ids - set(case_ids))
     if missing:
         raise UnlabeledDataError(f"{len(missing)} of {len(raw_ids)} unlabeled case(s) in {raw_images} are not "
