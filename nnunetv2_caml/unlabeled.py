@@ -411,9 +411,9 @@ def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Se
             raise UnlabeledDataError(f"{output_folder}: {_describe_orphans(orphans, len(present), raw_images)}, and "
                                      f"training would still use them: put the images back, or add --overwrite to "
                                      f"remove those cases and redo the others")
-        for k in orphans:
-            _remove_case(output_folder, k)
         if orphans:
+            for k in orphans:
+                _remove_case(output_folder, k)
             print(f"{c}: removed {len(orphans)} preprocessed case(s) whose images are no longer in {raw_images}")
         finished = set() if overwrite else set(present)
         stale = stale_unlabeled_cases(output_folder, sorted(finished), fingerprint)
@@ -476,7 +476,10 @@ def _assert_cases_match_raw_images(folder: str, case_ids: Sequence[str], raw_ima
     unfinished by an interrupted run) that training would silently leave out, or images removed that it would still
     use. Where the raw images are not there (e.g. only nnUNet_preprocessed was copied to the training machine), there
     is nothing to compare."""
-    if raw_images is None or not _has_visible_files(raw_images):
+    if raw_images is None or not isdir(raw_images):
+        return
+    visible_names = [f for f in os.listdir(raw_images) if not f.startswith(".")]
+    if not visible_names:
         return
     if dataset_json is None:
         dataset_json_file = join(nnUNet_preprocessed, dataset_name, "dataset.json")
@@ -484,8 +487,7 @@ def _assert_cases_match_raw_images(folder: str, case_ids: Sequence[str], raw_ima
             return
         dataset_json = load_json(dataset_json_file)
     name_pattern = _image_name_pattern(dataset_json["file_ending"])
-    raw_ids = {match.group(1) for match in map(name_pattern.fullmatch, os.listdir(raw_images))
-               if match is not None and not match.group(1).startswith(".")}
+    raw_ids = {match.group(1) for match in map(name_pattern.fullmatch, visible_names) if match is not None}
     missing = sorted(raw_ids - set(case_ids))
     if missing:
         raise UnlabeledDataError(f"{len(missing)} of {len(raw_ids)} unlabeled case(s) in {raw_images} are not "
