@@ -149,8 +149,9 @@ def _preprocess_command(dataset_name: str, configurations: Sequence[str], plans_
     return command if plans_identifier == "nnUNetPlans" else f"{command} -plans_name {plans_identifier}"
 
 
-def _has_visible_files(folder: str) -> bool:
-    return isdir(folder) and any(not f.startswith(".") for f in os.listdir(folder))
+def _visible_files(folder: str) -> List[str]:
+    """Names of the files in ``folder`` that are not hidden (``.DS_Store``); none if there is no folder."""
+    return [f for f in subfiles(folder, join=False) if not f.startswith(".")] if isdir(folder) else []
 
 
 def _resolve_dataset_name(dataset_name_or_id: Union[int, str]) -> str:
@@ -233,7 +234,7 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
     folder = join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
     ending = dataset_json["file_ending"]
     channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
-    files = [f for f in subfiles(folder, join=False) if not f.startswith(".")] if isdir(folder) else []
+    files = _visible_files(folder)
     if not files:
         raise UnlabeledDataError(f"no unlabeled images: put them in {folder} (named like imagesTr: "
                                  f"CASE_0000{ending})")
@@ -461,7 +462,7 @@ def assert_unlabeled_data_ready(dataset_name: str, data_identifier: str, configu
         _assert_cases_match_raw_images(folder, case_ids, raw_images, dataset_name, dataset_json, configuration_name,
                                        command)
         return folder
-    if raw_images is None or not _has_visible_files(raw_images):
+    if raw_images is None or not _visible_files(raw_images):
         where = raw_images or f"$nnUNet_raw/{dataset_name}/{UNLABELED_IMAGES_FOLDER} (nnUNet_raw is not set)"
         raise UnlabeledDataError(f"CAML needs unlabeled images: put them in {where} (named like imagesTr), "
                                  f"then run `{command}`")
@@ -476,9 +477,7 @@ def _assert_cases_match_raw_images(folder: str, case_ids: Sequence[str], raw_ima
     unfinished by an interrupted run) that training would silently leave out, or images removed that it would still
     use. Where the raw images are not there (e.g. only nnUNet_preprocessed was copied to the training machine), there
     is nothing to compare."""
-    if raw_images is None or not isdir(raw_images):
-        return
-    visible_names = [f for f in os.listdir(raw_images) if not f.startswith(".")]
+    visible_names = _visible_files(raw_images) if raw_images is not None else []
     if not visible_names:
         return
     if dataset_json is None:
