@@ -43,6 +43,26 @@ nnUNetv2_predict -i "$raw/imagesTs" -o predictions -d 502 -c 3d_cpu -f all -tr n
 nnUNetv2_caml_evaluate -ref "$raw/labelsTs" -pred predictions -o summary.json | tail -2
 test -s summary.json
 
+echo "[wheel] a numbered fold: nnUNetv2_find_best_configuration, nnUNetv2_export_model_to_zip, installing it, predicting"
+# 4 labeled cases are too few for nnU-Net's 5-fold split: fold 0 from a hand-written splits_final.json, as a user would
+python -c "import json, os, sys; c = sorted(f[:-len('.nii.gz')] for f in os.listdir('$raw/labelsTr')); \
+json.dump([{'train': c[1:], 'val': c[:1]}], open(sys.argv[1], 'w'))" "$nnUNet_preprocessed/$(basename "$raw")/splits_final.json"
+nnUNetv2_train 502 3d_cpu 0 -tr nnUNetTrainerCAML_tiny -device cpu > train0.log 2>&1 || { tail -40 train0.log; exit 1; }
+nnUNetv2_find_best_configuration 502 -c 3d_cpu -tr nnUNetTrainerCAML_tiny -f 0 -np 1 > best.log 2>&1 \
+  || { tail -40 best.log; exit 1; }
+grep -q "nnUNetv2_predict .* -f  *0 -tr nnUNetTrainerCAML_tiny -c 3d_cpu" best.log || { tail -20 best.log; exit 1; }
+nnUNetv2_export_model_to_zip -d 502 -c 3d_cpu -f 0 -tr nnUNetTrainerCAML_tiny -o model.zip > export.log 2>&1 \
+  || { tail -40 export.log; exit 1; }
+trained=$nnUNet_results
+export nnUNet_results=$PWD/installed
+nnUNetv2_install_pretrained_model_from_zip model.zip > install.log 2>&1 || { tail -40 install.log; exit 1; }
+model=$(basename "$raw")/nnUNetTrainerCAML_tiny__nnUNetPlans__3d_cpu/fold_0/checkpoint_final.pth
+cmp "$trained/$model" "$nnUNet_results/$model"  # the installed checkpoint (both networks, CAML's state) is the trained one
+nnUNetv2_predict -i "$raw/imagesTs" -o predictions0 -d 502 -c 3d_cpu -f 0 -tr nnUNetTrainerCAML_tiny -device cpu \
+  --disable_tta -npp 1 -nps 1 > predict0.log 2>&1 || { tail -40 predict0.log; exit 1; }
+nnUNetv2_caml_evaluate -ref "$raw/labelsTs" -pred predictions0 -o summary0.json | tail -1
+test -s summary0.json
+
 echo "[wheel] converters"
 for converter in la2018 cas2023 parse2022 imagecas; do
   nnUNetv2_caml_convert_$converter --help > /dev/null

@@ -11,8 +11,8 @@ Steps (each one a real command-line tool in a subprocess):
      (``nnUNetTrainer_CAMLdemo``; ``--no-baseline`` skips it);
 then prints per-case and mean Dice of both side by side and writes ``DIR/caml_demo.png`` (image / ground truth /
 CAML's prediction / the baseline's). The dataset's sizes are the gain benchmark's (4 labeled, 32 unlabeled, 12 test
-cases of 36x48x48 voxels). On the CPU augmentation runs in the training process (``nnUNet_n_proc_DA=0``), so with the
-trainers' fixed seed the demo repeats exactly.
+cases of 36x48x48 voxels). On the CPU augmentation runs in the training process (``nnUNet_n_proc_DA=0``, unless the
+environment sets it), so with the trainers' fixed seed the demo repeats exactly.
 """
 import argparse
 import json
