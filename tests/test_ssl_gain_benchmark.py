@@ -81,10 +81,11 @@ def test_protocol_table_scores_each_protocol_and_its_gap_closed():
 
 
 def _benchmark(workdir, *extra):
+    # two runs at a time: most of a 4-step run is Python and nnU-Net starting up
     return subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(workdir), "--tasks", "atrium", "--seeds", "0",
                            "--labeled", "2", "--unlabeled", "2", "--test", "2", "--shape", "32", "40", "40",
                            "--features", "8", "16", "32", "64", "--steps", "4", "--iterations-per-epoch", "2",
-                           "--device", "cpu", *extra], capture_output=True, text=True, timeout=1200,
+                           "--device", "cpu", "--parallel", "2", *extra], capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "2"})
 
 

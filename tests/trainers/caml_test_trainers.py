@@ -2,7 +2,8 @@
 
 The tests put this folder on ``nnUNet_extTrainer`` beside the repository's ``trainers/`` folder, so nnU-Net's own
 trainer search finds these classes. Nothing here changes how CAML trains; ``nnUNetTrainerCAML_ddpOnCPU`` changes how
-nnU-Net places it (on the CPU under a process group, see there).
+nnU-Net places it (on the CPU under a process group, see there). Trainers whose tests check training, not nnU-Net's
+final validation, skip that validation (``_NoFinalValidation``).
 """
 import os
 
@@ -13,6 +14,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
 from nnunetv2_caml.variants import (nnUNetTrainerCAML_demo, nnUNetTrainerCAML_lambdaS1_ceConsistency,
                                     nnUNetTrainerCAML_paper)
+
+
+class _NoFinalValidation:
+    """Skips nnU-Net's final validation, which ``nnUNetv2_train`` runs after training: on the tiny dataset it takes
+    about 10 s (predicting and exporting the 4 labeled cases), half of a short test run. The tests of these trainers
+    check training; the final validation of a CAML run is checked in ``tests/test_training_integration.py`` and
+    ``tests/test_crash_safety.py``."""
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("final validation skipped (test trainer)")
 
 
 class nnUNetTrainerCAML_killTest(nnUNetTrainerCAML):
@@ -27,7 +38,7 @@ class nnUNetTrainerCAML_killTest(nnUNetTrainerCAML):
         self.save_every = 1
 
 
-class nnUNetTrainerCAML_nanTest(nnUNetTrainerCAML):
+class nnUNetTrainerCAML_nanTest(_NoFinalValidation, nnUNetTrainerCAML):
     """16 steps, and more skipped steps in a row tolerated than there are steps."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -58,7 +69,7 @@ def _consistency_test_schedule(trainer: nnUNetTrainerCAML) -> None:
     trainer.rampup_fraction = 0.0
 
 
-class nnUNetTrainerCAML_ceTest(nnUNetTrainerCAML_lambdaS1_ceConsistency):
+class nnUNetTrainerCAML_ceTest(_NoFinalValidation, nnUNetTrainerCAML_lambdaS1_ceConsistency):
     """The cross-entropy consistency variant on the consistency tests' schedule."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -67,7 +78,7 @@ class nnUNetTrainerCAML_ceTest(nnUNetTrainerCAML_lambdaS1_ceConsistency):
         _consistency_test_schedule(self)
 
 
-class nnUNetTrainerCAML_demoTest(nnUNetTrainerCAML_demo):
+class nnUNetTrainerCAML_demoTest(_NoFinalValidation, nnUNetTrainerCAML_demo):
     """The demo's trainer (the default CAML: Dice + CE consistency, perturbed view, local-contrast view; seeded) on
     the consistency tests' schedule."""
 
@@ -77,7 +88,7 @@ class nnUNetTrainerCAML_demoTest(nnUNetTrainerCAML_demo):
         _consistency_test_schedule(self)
 
 
-class nnUNetTrainerCAML_paperTest(nnUNetTrainerCAML_paper):
+class nnUNetTrainerCAML_paperTest(_NoFinalValidation, nnUNetTrainerCAML_paper):
     """The paper's loss on the consistency tests' schedule."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -86,7 +97,7 @@ class nnUNetTrainerCAML_paperTest(nnUNetTrainerCAML_paper):
         _consistency_test_schedule(self)
 
 
-class nnUNetTrainerCAML_lr0Test(nnUNetTrainerCAML):
+class nnUNetTrainerCAML_lr0Test(_NoFinalValidation, nnUNetTrainerCAML):
     """One step at learning rate 0: its checkpoint_final holds the weights training starts from (nnU-Net cannot run
     zero epochs: its poly schedule divides by their number)."""
 
