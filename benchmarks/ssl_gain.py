@@ -7,8 +7,9 @@
 
 For each task the package's synthetic generator writes one dataset whose ``imagesTr`` holds every training case with
 its label (``--labeled`` + ``--unlabeled`` of them) and whose ``imagesTrUnlabeled`` holds copies of the images of
-all but the first ``--labeled`` cases. nnU-Net plans and preprocesses it once, so every arm trains on the same
-plans; ``splits_final.json`` has one fold per labeled count (fold = the first N training cases), so:
+all but the first ``--labeled`` cases. nnU-Net checks (``--verify_dataset_integrity``), plans and preprocesses it
+once, so every arm trains on the same plans; ``splits_final.json`` has one fold per labeled count (fold = the first
+N training cases), so:
 
 * ``labeled_only``: stock ``nnUNetTrainer`` on the first ``--labeled`` cases;
 * ``labeled_only_localContrast``: the same, its network on the local-contrast view that CAML's auxiliary network
@@ -110,7 +111,7 @@ def prepare_task(workdir: Path, task: str, settings: dict, log_file: Path) -> st
             shutil.copy(raw / "imagesTr" / f"lab_{i:03d}_0000.nii.gz", unlabeled / f"unl_lab_{i:03d}_0000.nii.gz")
         shutil.rmtree(preprocessed, ignore_errors=True)
         _run(f"{task}: plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres",
-                                              "-np", "2"], planning_env(env), log_file)
+                                              "-np", "2", "--verify_dataset_integrity"], planning_env(env), log_file)
         _run(f"{task}: preprocess unlabeled", ["nnUNetv2_caml_preprocess_unlabeled", "-d", dataset_id, "-c",
                                                "3d_fullres", "-np", "2"], env, log_file)
         add_small_configuration(dataset_id, CONFIGURATION, features_per_stage=settings["features"],

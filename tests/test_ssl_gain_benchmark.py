@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "ssl_gain.py"
+TASK = "vessel"  # the atrium task goes through nnU-Net's planner in conftest.py's dataset
 
 
 def _module():
@@ -82,7 +83,7 @@ def test_protocol_table_scores_each_protocol_and_its_gap_closed():
 
 def _benchmark(workdir, *extra):
     # two runs at a time: most of a 4-step run is Python and nnU-Net starting up
-    return subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(workdir), "--tasks", "atrium", "--seeds", "0",
+    return subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(workdir), "--tasks", TASK, "--seeds", "0",
                            "--labeled", "2", "--unlabeled", "2", "--test", "2", "--shape", "32", "40", "40",
                            "--features", "8", "16", "32", "64", "--steps", "4", "--iterations-per-epoch", "2",
                            "--device", "cpu", "--parallel", "2", *extra], capture_output=True, text=True, timeout=1200,
@@ -100,28 +101,35 @@ def benchmark_run(tmp_path_factory):
 def test_benchmark_trains_scores_and_tabulates_every_arm(benchmark_run):
     workdir, result = benchmark_run
     assert "3 to run" in result.stdout
+    # nnU-Net's integrity check accepted the generated dataset, and its preprocessing took the labeled training cases
+    # of imagesTr, not the images of imagesTrUnlabeled
+    assert "verify_dataset_integrity Done" in (workdir / "ssl_gain.log").read_text()
+    preprocessed = next((workdir / "nnUNet_preprocessed").iterdir())
+    assert (preprocessed / "dataset_fingerprint.json").is_file()
+    assert sorted(f.stem for f in (preprocessed / "nnUNetPlans_3d_fullres").glob("*.pkl")) == [
+        f"lab_{i:03d}" for i in range(4)]
     for arm, trainer, labeled in (("labeled_only", "nnUNetTrainer", 2), ("caml", "nnUNetTrainerCAML", 2),
                                   ("all_labeled", "nnUNetTrainer", 4)):
-        run = json.loads((workdir / "runs" / "atrium" / arm / "seed_0" / "result.json").read_text())
+        run = json.loads((workdir / "runs" / TASK / arm / "seed_0" / "result.json").read_text())
         assert run["trainer"] == trainer and run["labeled"] == labeled and run["steps"] == 4
         assert sorted(run["dice"]) == ["ts_000", "ts_001"]  # the test cases, never trained on
         assert 0 <= run["mean_dice"] <= 1
     # the labeled arms trained on the first 2 cases, the ceiling on all 4 (nnU-Net's log of the split)
-    log = (workdir / "runs" / "atrium" / "caml" / "seed_0" / "train.log").read_text()
+    log = (workdir / "runs" / TASK / "caml" / "seed_0" / "train.log").read_text()
     assert "This split has 2 training" in log
-    log = (workdir / "runs" / "atrium" / "all_labeled" / "seed_0" / "train.log").read_text()
+    log = (workdir / "runs" / TASK / "all_labeled" / "seed_0" / "train.log").read_text()
     assert "This split has 4 training" in log
     table = (workdir / "ssl_gain.md").read_text()
     for arm in ("labeled_only", "caml", "all_labeled"):
         assert f"| {arm} |" in table
     assert "Device: CPU" in table and "--steps 4" in table
     assert (workdir / "ssl_gain.png").stat().st_size > 0
-    assert "**atrium**: test Dice per acquisition protocol" in table
+    assert f"**{TASK}**: test Dice per acquisition protocol" in table
     summary = json.loads((workdir / "ssl_gain.json").read_text())
-    per_protocol = summary["per_protocol"]["atrium"]  # the 2 test cases, grouped by the protocol the generator drew
+    per_protocol = summary["per_protocol"][TASK]  # the 2 test cases, grouped by the protocol the generator drew
     assert list(per_protocol) == ["labeled_only", "caml", "all_labeled"]
     assert sum(cell["cases"] for cell in per_protocol["caml"].values()) == 2
-    table = summary["table"]["atrium"]
+    table = summary["table"][TASK]
     gap = table["all_labeled"]["mean"] - table["labeled_only"]["mean"]
     # after 4 steps both arms may predict the same; the gap closed is defined only for a positive gap
     if gap > 0:
@@ -132,16 +140,16 @@ def test_benchmark_trains_scores_and_tabulates_every_arm(benchmark_run):
 
 def test_rerun_keeps_finished_arms_and_adds_new_ones(benchmark_run):
     workdir, _ = benchmark_run
-    caml_log = workdir / "runs" / "atrium" / "caml" / "seed_0" / "train.log"
+    caml_log = workdir / "runs" / TASK / "caml" / "seed_0" / "train.log"
     before = caml_log.read_text()
     # an arm that trained but was not scored yet (e.g. killed during prediction) is scored without training again
-    (workdir / "runs" / "atrium" / "caml" / "seed_0" / "result.json").unlink()
+    (workdir / "runs" / TASK / "caml" / "seed_0" / "result.json").unlink()
     result = _benchmark(workdir, "--arms", "caml", "--calibrate", "3")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "0 of 2 runs already finished (kept); 2 to run" in result.stdout
     assert caml_log.read_text()[len(before):].count("Epoch 0") == 0
-    assert (workdir / "runs" / "atrium" / "caml" / "seed_0" / "result.json").is_file()
-    run = json.loads((workdir / "runs" / "atrium" / "labeled_3" / "seed_0" / "result.json").read_text())
+    assert (workdir / "runs" / TASK / "caml" / "seed_0" / "result.json").is_file()
+    run = json.loads((workdir / "runs" / TASK / "labeled_3" / "seed_0" / "result.json").read_text())
     assert run["labeled"] == 3
     # both tables also hold the arms finished by the first invocation, in the default arms' order
     for table in (workdir / "ssl_gain.md").read_text().split("test Dice per acquisition protocol"):
@@ -161,13 +169,13 @@ def test_changed_settings_in_the_same_workdir_are_refused(benchmark_run):
 def test_diagnosis_scores_both_networks_on_test_and_unlabeled_images(benchmark_run):
     workdir, _ = benchmark_run
     diagnose = [sys.executable, str(REPO / "benchmarks" / "ssl_diagnose.py"), "--workdir", str(workdir), "--tasks",
-                "atrium"]
+                TASK]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run([*diagnose, "--arms", "caml", "labeled_only"], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for arm in ("caml", "labeled_only"):
-        folder = workdir / "runs" / "atrium" / arm / "seed_0"
+        folder = workdir / "runs" / TASK / arm / "seed_0"
         cases = json.loads((folder / "diagnose.json").read_text())["cases"]
         # the test cases and the unlabeled training images (labels kept by the generator), nothing else
         assert sorted(cases) == ["ts_000", "ts_001", "unl_lab_002", "unl_lab_003"]
@@ -180,7 +188,7 @@ def test_diagnosis_scores_both_networks_on_test_and_unlabeled_images(benchmark_r
         for row in cases.values():
             assert all(0 <= v <= 1 for k, v in row.items() if k in ("main", "aux", "agreement", "recall"))
     table = (workdir / "ssl_diagnose.md").read_text()
-    assert "| atrium | caml | 0 | unlabeled | all | 2 |" in table
+    assert f"| {TASK} | caml | 0 | unlabeled | all | 2 |" in table
     # a run the benchmark has not finished is refused in one line
     result = subprocess.run([*diagnose, "--arms", "noOCC"], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 1
