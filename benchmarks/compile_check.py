@@ -6,7 +6,7 @@
 Needs what ``benchmarks/step_time.py`` needs (a planned dataset, preprocessed unlabeled data, ``nnUNet_extTrainer``).
 Each trainer is built the way ``nnUNetv2_train`` builds it; nnU-Net's own ``_do_i_compile`` decides, so on CUDA the
 default is compiled and ``nnUNet_compile=f`` gives the eager reference. The trainers log into a temporary
-``nnUNet_results``. Checks, each printed with its numbers:
+``nnUNet_results``, removed at exit. Checks, each printed with its numbers:
 
 1. the compiled trainer compiled both the main and the auxiliary network, the eager one neither;
 2. one training step of each, from the same weights on the same batch with the same seed, gives the same loss terms
@@ -26,8 +26,10 @@ the two in turn on the same plans). Exits with status 1 when a check fails. ``--
 and AOTAutograd but runs eager kernels: what the CPU test uses, since nnU-Net itself never compiles on the CPU.
 """
 import argparse
+import atexit
 import functools
 import os
+import shutil
 import sys
 import tempfile
 
@@ -80,6 +82,7 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="caml_compile_check_")
+    atexit.register(shutil.rmtree, os.environ["nnUNet_results"], ignore_errors=True)  # with a checkpoint
     if args.backend != "inductor":  # the trainers call torch.compile(module) as nnU-Net does
         torch.compile = functools.partial(torch.compile, backend=args.backend)
     torch._inductor.config.fallback_random = True

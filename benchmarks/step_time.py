@@ -12,7 +12,7 @@ before the clock starts, the augmentation workers are then shut down (so that re
 time from the steps), and each timed step is ``train_step(batch)`` followed by a device synchronisation. On the CPU,
 glibc's malloc thresholds are fixed first (:func:`steady_cpu_allocator`), so that no trainer's time depends on which
 trainers ran before it in the process. The trainers write their logs into a temporary ``nnUNet_results``, never into
-yours.
+yours, removed at exit.
 
 Prints, per trainer: median and mean s/step, the ratio to the first trainer (stock), the ratio to the two-network
 floor (4 x the first trainer's step: two networks on a doubled batch), the FLOPs of the step's networks (forward and
@@ -32,10 +32,12 @@ run after a compile check on the same plans takes both networks' graphs from the
 one small stage of the auxiliary network: eager's generator instead of random numbers drawn inside inductor's kernels).
 """
 import argparse
+import atexit
 import copy
 import ctypes
 import gc
 import os
+import shutil
 import tempfile
 import time
 
@@ -210,6 +212,7 @@ def main():
     args = parser.parse_args()
     torch._inductor.config.fallback_random = args.fallback_random
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="caml_step_time_")
+    atexit.register(shutil.rmtree, os.environ["nnUNet_results"], ignore_errors=True)
     fold = args.f if args.f == "all" else int(args.f)
     device = torch.device(args.device)
     steady_allocator = False

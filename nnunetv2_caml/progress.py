@@ -4,12 +4,13 @@ nnU-Net's ``LocalLogger`` only accepts keys it knows and draws its own three pan
 registers CAML's keys and stacks two panels of CAML curves under nnU-Net's unchanged figure, in the same
 ``progress.png``.
 """
-import io
+import zlib
 
 import matplotlib
 
 matplotlib.use("agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 from PIL import Image  # noqa: E402
 from batchgenerators.utilities.file_and_folder_operations import join  # noqa: E402
@@ -55,16 +56,17 @@ class CAMLLocalLogger(LocalLogger):
         ax2.set_ylabel("memory bank entries")
         ax2.legend(loc=(0.4, 1))
         plt.tight_layout()
-        caml_panels = io.BytesIO()
-        fig.savefig(caml_panels, format="png")
+        fig.canvas.draw()
+        caml_panels = np.asarray(fig.canvas.buffer_rgba())[..., :3]  # the pixels, never encoded as a PNG
         plt.close(fig)
 
-        # stack CAML's panels under nnU-Net's figure, in the same progress.png (pasting images is far cheaper than
-        # drawing nnU-Net's figure into ours)
+        # stack CAML's panels under nnU-Net's figure, in the same progress.png: pasting pixels is far cheaper than
+        # drawing nnU-Net's figure into ours; one decode of nnU-Net's PNG and one encode of the result
         path = join(output_folder, "progress.png")
-        with Image.open(path) as nnunet_figure, Image.open(caml_panels) as caml_figure:
-            combined = Image.new("RGB", (max(nnunet_figure.width, caml_figure.width),
-                                         nnunet_figure.height + caml_figure.height), "white")
-            combined.paste(nnunet_figure.convert("RGB"), (0, 0))
-            combined.paste(caml_figure.convert("RGB"), (0, nnunet_figure.height))
-        combined.save(path, compress_level=1)
+        with Image.open(path) as nnunet_figure:
+            nnunet_panels = np.asarray(nnunet_figure.convert("RGB"))
+        width = max(nnunet_panels.shape[1], caml_panels.shape[1])
+        combined = np.full((nnunet_panels.shape[0] + caml_panels.shape[0], width, 3), 255, dtype=np.uint8)
+        combined[:nnunet_panels.shape[0], :nnunet_panels.shape[1]] = nnunet_panels
+        combined[nnunet_panels.shape[0]:, :caml_panels.shape[1]] = caml_panels
+        Image.fromarray(combined).save(path, compress_level=1, compress_type=zlib.Z_RLE)  # plots: long runs of a colour
