@@ -32,7 +32,7 @@ class nnUNetTrainerCAML_killTest(nnUNetTrainerCAML):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 24  # KILL_EPOCHS of tests/test_crash_safety.py
+        self.num_epochs = 14  # KILL_EPOCHS of tests/test_crash_safety.py
         self.num_iterations_per_epoch = 1
         self.num_val_iterations_per_epoch = 1
         self.save_every = 1
