@@ -24,7 +24,7 @@ KILL_TRAINER = "nnUNetTrainerCAML_killTest"
 # the last epoch at the latest); the last run trains the rest
 KILL_EPOCHS = 14
 KILLS = 20
-LAST_EPOCH_BEGINS = re.compile(rf": Epoch {KILL_EPOCHS - 1}$", re.MULTILINE)  # nnU-Net's line at an epoch's start
+EPOCH_BEGINS = re.compile(r": Epoch (\d+)$", re.MULTILINE)  # the line nnU-Net prints as an epoch begins
 CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # as nnU-Net's --c
 
 
@@ -71,11 +71,14 @@ def _partials(output: Path) -> dict:
 def killed_run(caml_dataset, env, tmp_path_factory):
     """Train with --c from the start, SIGKILLing the process KILLS times: every other time after a random delay (at
     the latest when the last epoch begins, so that however fast the machine, no killing round finishes the run),
-    otherwise the moment it starts writing a checkpoint. Then let the last run finish."""
+    otherwise the moment it starts writing a checkpoint. Then let the last run finish. The random delays are 0.6 to
+    2.4 times the last start-up measured (launch to first epoch, about 5 s on 2 CPU cores), so that on a slower or
+    busier machine, too, some kills come after a checkpoint was written."""
     d = caml_dataset
     output = _output(d, KILL_TRAINER)
     logs = tmp_path_factory.mktemp("kill_logs")
     rng = random.Random(0)
+    start_up = 5.0
     rounds = []
     while True:
         expected = _newest_checkpoint(output) if output.exists() else None
@@ -83,20 +86,26 @@ def killed_run(caml_dataset, env, tmp_path_factory):
         killing = len(rounds) < KILLS
         inside_save = killing and len(rounds) % 2 == 1
         with open(log, "w") as stdout, open(log) as reader:
-            printed = ""
+            launched = time.monotonic()
             process = subprocess.Popen([str(BIN / "nnUNetv2_train"), str(d["dataset_id"]), d["configuration"], "all",
                                         "-tr", KILL_TRAINER, "-device", "cpu", "--c"], env=env, stdout=stdout,
                                        stderr=subprocess.STDOUT)
             partials_before = _partials(output) if output.exists() else {}
-            deadline = time.monotonic() + (120 if inside_save else rng.uniform(3, 12) if killing else 600)
+            deadline = launched + (120 if inside_save else rng.uniform(0.6, 2.4) * start_up if killing else 600)
+            printed, epochs = "", []
             while process.poll() is None and time.monotonic() < deadline:
                 if inside_save and output.exists() and any(
                         partials_before.get(f) != m for f, m in _partials(output).items()):
                     break  # a save has begun: kill it in the middle
-                if killing and not inside_save:
-                    printed += reader.read()
-                    if LAST_EPOCH_BEGINS.search(printed):
-                        break  # only the last round may finish the run
+                new = reader.read()
+                if new:
+                    printed += new
+                    found = EPOCH_BEGINS.findall(printed)
+                    if found and not epochs:
+                        start_up = time.monotonic() - launched  # this round's
+                    epochs = found
+                    if killing and not inside_save and str(KILL_EPOCHS - 1) in epochs:
+                        break  # the last epoch began: only the last round may finish the run
                 time.sleep(0.002 if inside_save else 0.05)
             killed = process.poll() is None
             if killed:
