@@ -82,7 +82,8 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="caml_compile_check_")
-    atexit.register(shutil.rmtree, os.environ["nnUNet_results"], ignore_errors=True)  # with a checkpoint
+    # removed at exit, with the checkpoint of both networks the check writes there
+    atexit.register(shutil.rmtree, os.environ["nnUNet_results"], ignore_errors=True)
     if args.backend != "inductor":  # the trainers call torch.compile(module) as nnU-Net does
         torch.compile = functools.partial(torch.compile, backend=args.backend)
     torch._inductor.config.fallback_random = True

@@ -42,7 +42,8 @@ def run_cli(args, env, check=True, timeout=900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def caml_dataset(tmp_path_factory):
-    """A planned and preprocessed tiny dataset with unlabeled data and a CPU-sized configuration ``3d_cpu``.
+    """A planned and preprocessed tiny dataset with unlabeled data (``3d_fullres`` and ``2d``) and a CPU-sized
+    configuration ``3d_cpu``.
 
     4 labeled, 4 unlabeled and 2 test cases of 32x40x40 voxels from the package's generator.
     """
@@ -52,10 +53,11 @@ def caml_dataset(tmp_path_factory):
     env = nnunet_env(root)
     dataset_folder = Path(generate_dataset(env["nnUNet_raw"], DATASET_ID, task="atrium", num_labeled=4,
                                            num_unlabeled=4, num_test=2, shape=(32, 40, 40), seed=1))
-    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it needs a positive value
-    run_cli(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1",
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): it needs a positive value. The 2d data is for
+    # the 2D training of tests/test_training_integration.py
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "2d", "-np", "1", "1",
              "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"})
-    run_cli(["nnUNetv2_caml_preprocess_unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1"], env)
+    run_cli(["nnUNetv2_caml_preprocess_unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "2d", "-np", "1"], env)
     code = ("from nnunetv2_caml.demo.small_configuration import add_small_configuration as a; "
             f"a({DATASET_ID}, '{CONFIGURATION}', features_per_stage=(8, 16, 32, 64), patch_size=(32, 40, 40))")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)

@@ -2,6 +2,8 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -28,23 +30,24 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def test_training_writes_caml_checkpoint_and_progress(trained):
-    checkpoint = _load(trained["output"] / "checkpoint_final.pth")
-    assert checkpoint["trainer_name"] == TRAINER
+def _assert_caml_checkpoint(output, trainer, configuration, raw) -> dict:
+    """The final checkpoint of a 2-epoch CAML run in ``output``: both networks, heads, bank and every term logged."""
+    checkpoint = _load(output / "checkpoint_final.pth")
+    assert checkpoint["trainer_name"] == trainer
     for key in ("caml_auxiliary_network_weights", "caml_occ_heads", "caml_memory_bank"):
         assert key in checkpoint
     # network_weights is the main network only: it loads strictly into the stock architecture of the plans
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    plans = PlansManager(str(trained["output"].parent / "plans.json"))
-    network = nnUNetTrainer.build_network_architecture(plans, plans.get_configuration(trained["configuration"]),
-                                                       1, 2, enable_deep_supervision=False)
+    plans = PlansManager(str(output.parent / "plans.json"))
+    network = nnUNetTrainer.build_network_architecture(plans, plans.get_configuration(configuration), 1, 2,
+                                                       enable_deep_supervision=False)
     network.load_state_dict(checkpoint["network_weights"], strict=True)
     assert not any("cma" in k for k in checkpoint["network_weights"])
     assert any(".cma." in k for k in checkpoint["caml_auxiliary_network_weights"])
-    # the memory bank holds labeled cases only, with entries of both classes
+    # the memory bank holds labeled cases only
     bank = checkpoint["caml_memory_bank"]
-    labeled = {p.name[:-len(".nii.gz")] for p in (trained["raw"] / "labelsTr").iterdir()}
+    labeled = {p.name[:-len(".nii.gz")] for p in (raw / "labelsTr").iterdir()}
     assert bank["entries"] and set(bank["entries"]) <= labeled
     # every CAML term, both ramp-up weights and the bank fill are logged once per epoch
     log = checkpoint["logging"]
@@ -55,11 +58,40 @@ def test_training_writes_caml_checkpoint_and_progress(trained):
     assert log["caml_lambda_c"][1] > log["caml_lambda_c"][0] > 0  # ramping up
     assert log["caml_memory_bank_fill"][-1] > 0
     assert log["caml_loss_occ"][-1] > 0  # OCC was active (bank filled, unlabeled voxels agreed)
-    assert (trained["output"] / "progress.png").stat().st_size > 0
+    assert (output / "progress.png").stat().st_size > 0
+    return checkpoint
+
+
+def test_training_writes_caml_checkpoint_and_progress(trained):
+    _assert_caml_checkpoint(trained["output"], TRAINER, trained["configuration"], trained["raw"])
     # nnU-Net's final validation ran on the main network
     summary = json.loads((trained["output"] / "validation" / "summary.json").read_text())
     assert "foreground_mean" in summary
     assert "pretrained weights" not in trained["stdout"]  # a run from scratch starts both networks at random
+
+
+def test_resenc_preset_in_2d_trains_on_the_default_plans_unlabeled_data(caml_dataset):
+    """nnU-Net's ResEnc preset, planned after the unlabeled data was preprocessed, in 2D: a small configuration of its
+    2d plans (ResidualEncoderUNet, whose stem the local-contrast view wraps; CMA over 10x10 positions) trains on
+    slices of the unlabeled cases preprocessed for the default plans' 2d, which it shares as nnU-Net shares the
+    labeled ones."""
+    d, trainer, plans = caml_dataset, "nnUNetTrainerCAML_tinyNoValidation", "nnUNetResEncUNetMPlans"
+    run_cli(["nnUNetv2_plan_experiment", "-d", d["dataset_id"], "-pl", "nnUNetPlannerResEncM"],
+            {**d["env"], "nnUNet_n_proc_DA": "1"})  # nnU-Net's planner: torch.set_num_threads(nnUNet_n_proc_DA)
+    code = ("from nnunetv2_caml.demo.small_configuration import add_small_configuration as a; "
+            f"a({d['dataset_id']}, '2d_cpu', parent='2d', patch_size=(40, 40), batch_size=4, "
+            f"plans_identifier='{plans}')")
+    subprocess.run([sys.executable, "-c", code], env=d["env"], check=True)
+    result = run_cli(["nnUNetv2_train", d["dataset_id"], "2d_cpu", "all", "-tr", trainer, "-p", plans,
+                      "-device", "cpu"], {**d["env"], "nnUNet_extTrainer": EXT_TRAINERS_WITH_TESTS})
+    assert f"4 unlabeled case(s) from {d['preprocessed'] / 'nnUNetPlans_2d_unlabeled'}" in result.stdout
+    output = d["root"] / "nnUNet_results" / d["dataset_name"] / f"{trainer}__{plans}__2d_cpu" / "fold_all"
+    auxiliary = _assert_caml_checkpoint(output, trainer, "2d_cpu", d["raw"])["caml_auxiliary_network_weights"]
+    assert any(k.startswith("encoder.stem.stage.") for k in auxiliary)  # the stem, behind the local-contrast view
+    assert any(".skip." in k for k in auxiliary)  # residual blocks' projection shortcuts
+    # its convolutions (encoder, decoder, those after each interpolation) are 2D: [out, in, x, y]
+    convolutions = {k: v for k, v in auxiliary.items() if k.endswith(".conv.weight")}
+    assert any(".transpconvs." in k for k in convolutions) and all(v.dim() == 4 for v in convolutions.values())
 
 
 def test_pretrained_weights_start_both_networks(trained):

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2_caml.trainer import nnUNetTrainerCAML
 from nnunetv2_caml.variants import (nnUNetTrainerCAML_demo, nnUNetTrainerCAML_lambdaS1_ceConsistency,
-                                    nnUNetTrainerCAML_paper)
+                                    nnUNetTrainerCAML_paper, nnUNetTrainerCAML_tiny)
 
 
 class _NoFinalValidation:
@@ -36,6 +36,10 @@ class nnUNetTrainerCAML_killTest(nnUNetTrainerCAML):
         self.num_iterations_per_epoch = 1
         self.num_val_iterations_per_epoch = 1
         self.save_every = 1
+
+
+class nnUNetTrainerCAML_tinyNoValidation(_NoFinalValidation, nnUNetTrainerCAML_tiny):
+    """The package's tiny schedule (2 epochs of 2 steps) without the final validation."""
 
 
 class nnUNetTrainerCAML_nanTest(_NoFinalValidation, nnUNetTrainerCAML):
