@@ -19,6 +19,8 @@
 #   tests            the CUDA tests of the test suite (pytest -k cuda: tests/test_compile.py on the tests' tiny plans)
 #   ablations        atrium plans, compiled: stock, _noCMA, _noOCC and _pointwiseUpsampling
 #   vessel_compiled  vessel default plans, compiled: stock and CAML
+#   resenc           both sizes, nnU-Net's ResEnc L preset (planned for 24 GB; benchmarks/real_plans.py --resenc L),
+#                    eager: s/step and peak memory of stock and CAML (a run out of memory is reported as such)
 #
 # Time: inductor's compiling is most of it. On an H200 (2026-12-04, torch 2.11) it took about 50 s for stock's
 # network and 180 s for CAML's two; the script before this one, which compiled CAML for the compile test and again for
@@ -41,8 +43,8 @@ shift || true
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(compile atrium vessel memory)
 for part in "${parts[@]}"; do
-  case $part in compile|atrium|vessel|memory|tests|ablations|vessel_compiled) ;;
-    *) echo "unknown part '$part': choose from compile atrium vessel memory tests ablations vessel_compiled" >&2
+  case $part in compile|atrium|vessel|memory|tests|ablations|vessel_compiled|resenc) ;;
+    *) echo "unknown part '$part': choose from compile atrium vessel memory tests ablations vessel_compiled resenc" >&2
        exit 2 ;; esac
 done
 python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh needs a CUDA GPU')"
@@ -62,7 +64,7 @@ wants() { local p; for p in "${parts[@]}"; do [[ " $* " == *" $p "* ]] && return
 plans_start() {  # size, targets (may be empty)
   mkdir -p "$work/$1"
   rm -f "$work/$1"/plans_*  # this run's markers, tables and logs only
-  ( rc=0; python "$repo/benchmarks/real_plans.py" --workdir "$work/$1" --size "$1" -np "$(nproc)" \
+  ( rc=0; python "$repo/benchmarks/real_plans.py" --workdir "$work/$1" --size "$1" -np "$(nproc)" $resenc_presets \
       > "$work/$1/plans_default.log" 2>&1 || rc=$?
     echo $rc > "$work/$1/plans_default.rc.tmp" && mv "$work/$1/plans_default.rc.tmp" "$work/$1/plans_default.rc"
     if [ "$rc" -eq 0 ] && [ -n "$2" ]; then
@@ -98,8 +100,9 @@ step_time() {  # size, plans, output file, timed steps, warm-up steps, trainers 
 python -c "import torch, nnunetv2; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
   | tee -a "$work/device.txt"
 memory_targets=$(wants memory && echo "$targets" || true)
-wants compile atrium ablations memory && plans_start atrium "$memory_targets"
-wants vessel vessel_compiled memory && plans_start vessel "$memory_targets"
+resenc_presets=$(wants resenc && echo "--resenc L" || true)  # planned with the default plans
+wants compile atrium ablations memory resenc && plans_start atrium "$memory_targets"
+wants vessel vessel_compiled memory resenc && plans_start vessel "$memory_targets"
 for part in "${parts[@]}"; do
   case $part in
     compile)
@@ -148,6 +151,14 @@ for part in "${parts[@]}"; do
       plans_ready vessel default || continue
       say "vessel_compiled: step time and memory, default plans, compiled"
       step_time vessel nnUNetPlans "$work/vessel_compiled_step_time.txt" 20 3 nnUNetTrainer nnUNetTrainerCAML
+      ;;
+    resenc)
+      for size in atrium vessel; do
+        plans_ready "$size" default || continue
+        say "resenc: $size, nnU-Net's ResEnc L plans, step time and memory, eager"
+        nnUNet_compile=f step_time "$size" nnUNetResEncUNetLPlans "$work/resenc_${size}.txt" 3 1 nnUNetTrainer \
+          nnUNetTrainerCAML
+      done
       ;;
   esac
 done

@@ -1,6 +1,6 @@
 """Datasets of the size users train, planned by nnU-Net: the 3d_fullres plans the GPU checks measure CAML on.
 
-    python benchmarks/real_plans.py --workdir W --size atrium|vessel [--gpu_memory_target 4 16] [-np 8]
+    python benchmarks/real_plans.py --workdir W --size atrium|vessel [--gpu_memory_target 4 16] [--resenc L] [-np 8]
 
 * ``atrium``: 88x144x144 voxels at 0.625 mm (the cropped LA 2018 scans the semi-supervised papers use), id 721;
 * ``vessel``: 200x512x512 voxels at 0.5x0.4x0.4 mm (CT like ImageCAS or Parse 2022), id 722.
@@ -11,8 +11,10 @@ is capped by nnU-Net at 5 % of the dataset's voxels, which with so few scans kee
 where a larger ``-gpu_memory_target`` would allow more. ``nnUNetv2_plan_and_preprocess`` plans and preprocesses
 3d_fullres with nnU-Net's default plans (``nnUNetPlans``, planned for nnU-Net's default GPU memory target) and, for
 each ``--gpu_memory_target T``, plans ``nnUNetPlans_T_GB`` made with nnU-Net's own ``-gpu_memory_target T``;
-``nnUNetv2_caml_preprocess_unlabeled`` preprocesses the unlabeled scans for each. Prints the environment to use and,
-per plans, the 3d_fullres patch size, batch size and network. Work already done in ``--workdir`` is kept.
+``nnUNetv2_caml_preprocess_unlabeled`` preprocesses the unlabeled scans for each. ``--resenc P`` plans nnU-Net's
+ResEnc preset ``nnUNetPlannerResEncP`` (``nnUNetResEncUNetPPlans``; nnU-Net plans M for 8 GB, L for 24 GB, XL for 40
+GB), which uses the default plans' preprocessed 3d_fullres data, labeled and unlabeled. Prints the environment to use
+and, per plans, the 3d_fullres patch size, batch size and network. Work already done in ``--workdir`` is kept.
 """
 import argparse
 import json
@@ -32,6 +34,17 @@ def plans_name(gpu_memory_target) -> str:
     return "nnUNetPlans" if gpu_memory_target is None else f"nnUNetPlans_{gpu_memory_target:g}_GB"
 
 
+def describe(preprocessed: str, plans: str) -> str:
+    """One line: the 3d_fullres patch, batch and network of plans ``plans``."""
+    with open(os.path.join(preprocessed, f"{plans}.json")) as f:
+        configuration = json.load(f)["configurations"]["3d_fullres"]
+    arch = configuration["architecture"]
+    kwargs = arch["arch_kwargs"]
+    return (f"{plans:24s} patch {configuration['patch_size']} batch {configuration['batch_size']} "
+            f"{arch['network_class_name'].rsplit('.', 1)[-1]} stages {kwargs['n_stages']} "
+            f"features {kwargs['features_per_stage']}")
+
+
 def run(args, env) -> None:
     print("+", " ".join(map(str, args)), flush=True)
     subprocess.run(list(map(str, args)), env=env, check=True)
@@ -43,6 +56,8 @@ def main() -> None:
     parser.add_argument("--size", required=True, choices=sorted(SIZES))
     parser.add_argument("--gpu_memory_target", type=float, nargs="*", default=[],
                         help="also plan with these nnU-Net -gpu_memory_target values (GB)")
+    parser.add_argument("--resenc", nargs="*", default=[], choices=("M", "L", "XL"),
+                        help="also plan these ResEnc presets of nnU-Net (nnUNetPlannerResEncM, L, XL)")
     parser.add_argument("-np", type=int, default=8, help="processes for preprocessing (default: 8)")
     args = parser.parse_args()
     size = SIZES[args.size]
@@ -67,11 +82,16 @@ def main() -> None:
                  *extra], env)
             run(["nnUNetv2_caml_preprocess_unlabeled", "-d", size["dataset_id"], "-c", "3d_fullres",
                  "-plans_name", plans, "-np", args.np], env)
+        summary.append(describe(preprocessed, plans))
+    for preset in args.resenc:
+        plans = f"nnUNetResEncUNet{preset}Plans"
+        if not os.path.isfile(os.path.join(preprocessed, f"{plans}.json")):
+            run(["nnUNetv2_plan_experiment", "-d", size["dataset_id"], "-pl", f"nnUNetPlannerResEnc{preset}"], env)
         with open(os.path.join(preprocessed, f"{plans}.json")) as f:
-            configuration = json.load(f)["configurations"]["3d_fullres"]
-        arch = configuration["architecture"]["arch_kwargs"]
-        summary.append(f"{plans:24s} patch {configuration['patch_size']} batch {configuration['batch_size']} "
-                       f"stages {arch['n_stages']} features {arch['features_per_stage']}")
+            identifier = json.load(f)["configurations"]["3d_fullres"]["data_identifier"]
+        if identifier != "nnUNetPlans_3d_fullres":
+            raise SystemExit(f"3d_fullres of {plans} reads {identifier}, not the default plans' preprocessed data")
+        summary.append(describe(preprocessed, plans))
     print(f"\n{name} ({args.size}: {size['shape']} voxels at {size['spacing']} mm), 3d_fullres:")
     print("\n".join(summary))
     print(f"environment: nnUNet_raw={env['nnUNet_raw']} nnUNet_preprocessed={env['nnUNet_preprocessed']}")
