@@ -40,6 +40,14 @@ def run_cli(args, env, check=True, timeout=900) -> subprocess.CompletedProcess:
     return result
 
 
+def add_small_configuration(env: dict, dataset_id, name: str, **settings) -> None:
+    """The package's ``add_small_configuration`` in a subprocess with ``env``'s nnU-Net folders (``nnunetv2.paths``
+    reads them once, when it is first imported)."""
+    code = ("from nnunetv2_caml.demo.small_configuration import add_small_configuration as a; "
+            f"a({dataset_id!r}, {name!r}, **{settings!r})")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
 @pytest.fixture(scope="session")
 def caml_dataset(tmp_path_factory):
     """A planned and preprocessed tiny dataset with unlabeled data (``3d_fullres`` and ``2d``) and a CPU-sized
@@ -58,9 +66,8 @@ def caml_dataset(tmp_path_factory):
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "2d", "-np", "1", "1",
              "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"})
     run_cli(["nnUNetv2_caml_preprocess_unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "2d", "-np", "1"], env)
-    code = ("from nnunetv2_caml.demo.small_configuration import add_small_configuration as a; "
-            f"a({DATASET_ID}, '{CONFIGURATION}', features_per_stage=(8, 16, 32, 64), patch_size=(32, 40, 40))")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    add_small_configuration(env, DATASET_ID, CONFIGURATION, features_per_stage=(8, 16, 32, 64),
+                            patch_size=(32, 40, 40))
     return {"root": root, "env": env, "raw": dataset_folder, "dataset_id": DATASET_ID,
             "dataset_name": dataset_folder.name, "configuration": CONFIGURATION,
             "preprocessed": Path(env["nnUNet_preprocessed"]) / dataset_folder.name}

@@ -2,15 +2,13 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import EXT_TRAINERS_WITH_TESTS, run_cli
+from conftest import EXT_TRAINERS_WITH_TESTS, add_small_configuration, run_cli
 
 TRAINER = "nnUNetTrainerCAML_tiny"
 
@@ -78,10 +76,8 @@ def test_resenc_preset_in_2d_trains_on_the_default_plans_unlabeled_data(caml_dat
     d, trainer, plans = caml_dataset, "nnUNetTrainerCAML_tinyNoValidation", "nnUNetResEncUNetMPlans"
     run_cli(["nnUNetv2_plan_experiment", "-d", d["dataset_id"], "-pl", "nnUNetPlannerResEncM"],
             {**d["env"], "nnUNet_n_proc_DA": "1"})  # nnU-Net's planner: torch.set_num_threads(nnUNet_n_proc_DA)
-    code = ("from nnunetv2_caml.demo.small_configuration import add_small_configuration as a; "
-            f"a({d['dataset_id']}, '2d_cpu', parent='2d', patch_size=(40, 40), batch_size=4, "
-            f"plans_identifier='{plans}')")
-    subprocess.run([sys.executable, "-c", code], env=d["env"], check=True)
+    add_small_configuration(d["env"], d["dataset_id"], "2d_cpu", parent="2d", patch_size=(40, 40), batch_size=4,
+                            plans_identifier=plans)
     result = run_cli(["nnUNetv2_train", d["dataset_id"], "2d_cpu", "all", "-tr", trainer, "-p", plans,
                       "-device", "cpu"], {**d["env"], "nnUNet_extTrainer": EXT_TRAINERS_WITH_TESTS})
     assert f"4 unlabeled case(s) from {d['preprocessed'] / 'nnUNetPlans_2d_unlabeled'}" in result.stdout
