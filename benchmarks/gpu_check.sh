@@ -32,10 +32,15 @@
 # waiting for the atrium plans), atrium about 2 min (stock compiles; CAML comes from the cache), vessel under 1 min,
 # memory about 1.5 min (four eager runs of CAML): under 8 minutes. The script prints the seconds since its start at
 # every step; the vessel plans (three 200x512x512 scans) are made in the background meanwhile. Each part prints its
-# table and keeps it in WORKDIR/<part>*.txt (the profile too), with its full log beside it, so a WORKDIR under the
-# device's $OUT brings back whatever finished even if the command is cut off. A failing check does not stop the
-# others; the script exits 1 at the end if any failed. A rerun on the same WORKDIR reuses datasets, plans and compiled
-# graphs. Needs nnunetv2 and this package installed (pip install -e .).
+# table and keeps it in WORKDIR/<part>*.txt (the profile too), with its full log beside it. All that the script prints
+# goes to the report as well, as it is printed (GPU_CHECK_REPORT, default WORKDIR/report.txt), and at the end the logs
+# are packed beside it (<report>_logs.tar.gz). On the lent GPU machine, which brings back at most 8 files from its
+# $OUT, keep WORKDIR outside $OUT (datasets, plans and inductor's cache: GBs, thousands of files) and put the report
+# there: GPU_CHECK_REPORT=$OUT/gpu_check.txt bash benchmarks/gpu_check.sh /tmp/gc. A run cut off by the time limit
+# then still brings back the parts that finished. A failing check does not stop the others; the script exits 1 at the
+# end if any failed. A rerun on the same WORKDIR reuses datasets, plans and compiled graphs (and starts a new report).
+# Needs nnunetv2 and this package installed: pip install -e ., or on a machine without a package index the wheels of
+# benchmarks/device_wheels.sh.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(realpath -m "${1:-gpu_check}")
@@ -49,6 +54,9 @@ for part in "${parts[@]}"; do
 done
 python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh needs a CUDA GPU')"
 mkdir -p "$work"
+report=$(realpath -m "${GPU_CHECK_REPORT:-$work/report.txt}")
+mkdir -p "$(dirname "$report")"
+exec > >(tee "$report") 2>&1  # everything below, as it is printed
 export nnUNet_extTrainer="$repo/trainers"
 export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-8}"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$work/inductor}"
@@ -162,6 +170,7 @@ for part in "${parts[@]}"; do
       ;;
   esac
 done
-say "gpu_check done: results in $work"
-wait  # plans still being made for parts not asked for
+say "gpu_check done: results in $work, report in $report"
+[ -z "$(jobs -p)" ] || wait $(jobs -p)  # plans still being made for parts not asked for (a bare wait waits for tee)
+(cd "$work" && find . -maxdepth 2 -name '*.log' -print0 | tar czf "${report%.txt}_logs.tar.gz" --null -T -)
 if [ ${#failed[@]} -gt 0 ]; then echo "FAILED: ${failed[*]}"; exit 1; fi
