@@ -34,10 +34,14 @@ def plans_name(gpu_memory_target) -> str:
     return "nnUNetPlans" if gpu_memory_target is None else f"nnUNetPlans_{gpu_memory_target:g}_GB"
 
 
-def describe(preprocessed: str, plans: str) -> str:
-    """One line: the 3d_fullres patch, batch and network of plans ``plans``."""
+def fullres_configuration(preprocessed: str, plans: str) -> dict:
+    """The 3d_fullres configuration of plans ``plans``."""
     with open(os.path.join(preprocessed, f"{plans}.json")) as f:
-        configuration = json.load(f)["configurations"]["3d_fullres"]
+        return json.load(f)["configurations"]["3d_fullres"]
+
+
+def describe(plans: str, configuration: dict) -> str:
+    """One line: the patch, batch and network of ``configuration`` of plans ``plans``."""
     arch = configuration["architecture"]
     kwargs = arch["arch_kwargs"]
     return (f"{plans:24s} patch {configuration['patch_size']} batch {configuration['batch_size']} "
@@ -82,16 +86,16 @@ def main() -> None:
                  *extra], env)
             run(["nnUNetv2_caml_preprocess_unlabeled", "-d", size["dataset_id"], "-c", "3d_fullres",
                  "-plans_name", plans, "-np", args.np], env)
-        summary.append(describe(preprocessed, plans))
+        summary.append(describe(plans, fullres_configuration(preprocessed, plans)))
     for preset in args.resenc:
         plans = f"nnUNetResEncUNet{preset}Plans"
         if not os.path.isfile(os.path.join(preprocessed, f"{plans}.json")):
             run(["nnUNetv2_plan_experiment", "-d", size["dataset_id"], "-pl", f"nnUNetPlannerResEnc{preset}"], env)
-        with open(os.path.join(preprocessed, f"{plans}.json")) as f:
-            identifier = json.load(f)["configurations"]["3d_fullres"]["data_identifier"]
-        if identifier != "nnUNetPlans_3d_fullres":
-            raise SystemExit(f"3d_fullres of {plans} reads {identifier}, not the default plans' preprocessed data")
-        summary.append(describe(preprocessed, plans))
+        configuration = fullres_configuration(preprocessed, plans)
+        if configuration["data_identifier"] != "nnUNetPlans_3d_fullres":
+            raise SystemExit(f"3d_fullres of {plans} reads {configuration['data_identifier']}, not the default plans' "
+                             f"preprocessed data")
+        summary.append(describe(plans, configuration))
     print(f"\n{name} ({args.size}: {size['shape']} voxels at {size['spacing']} mm), 3d_fullres:")
     print("\n".join(summary))
     print(f"environment: nnUNet_raw={env['nnUNet_raw']} nnUNet_preprocessed={env['nnUNet_preprocessed']}")
