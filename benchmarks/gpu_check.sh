@@ -16,7 +16,8 @@
 #                    default "4 6") for both sizes: which target fits CAML into a 24, 40 or 80 GB card (nnU-Net's
 #                    default plans, target 8 GB, are measured against stock by atrium and vessel)
 #   not by default:
-#   tests            the CUDA tests of the test suite (pytest -k cuda: tests/test_compile.py on the tests' tiny plans)
+#   tests            the CUDA tests of the test suite (pytest -k cuda, on the tests' tiny plans: tests/test_compile.py,
+#                    and tests/test_gpu_memory.py's step that runs out of GPU memory)
 #   ablations        atrium plans, compiled: stock, _noCMA, _noOCC and _pointwiseUpsampling
 #   vessel_compiled  vessel default plans, compiled: stock and CAML
 #   resenc           both sizes, nnU-Net's ResEnc L preset (planned for 24 GB; benchmarks/real_plans.py --resenc L),

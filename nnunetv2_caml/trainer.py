@@ -44,6 +44,7 @@ from nnunetv2_caml.checkpoints import (CHECKPOINT_AUXILIARY_NETWORK, CHECKPOINT_
 from nnunetv2_caml.distributed import (average_buffers, average_gradients, broadcast_from_rank_zero, every_rank,
                                        on_every_rank, rank_seeds, split_batch)
 from nnunetv2_caml.errors import CAMLError, install_one_line_errors
+from nnunetv2_caml.gpu_memory import CAMLOutOfMemoryError, out_of_memory_message
 from nnunetv2_caml.local_contrast import DEFAULT_SIGMA
 from nnunetv2_caml.losses import (CONSISTENCY_DISTANCES, CONSISTENCY_DISTANCES_TEXT, mutual_consistency_loss,
                                   sigmoid_rampup)
@@ -280,6 +281,23 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         return self.lambda_c * ramp, self.lambda_o * ramp
 
     def train_step(self, batch: dict) -> dict:
+        try:
+            return self._caml_train_step(batch)
+        except torch.OutOfMemoryError as error:
+            if self.device.type != "cuda":
+                raise
+            raise CAMLOutOfMemoryError(self._out_of_memory_message()) from error
+
+    def _out_of_memory_message(self) -> str:
+        """The one line of a step that ran out of GPU memory, with the commands that make plans for this card."""
+        return out_of_memory_message(
+            torch.cuda.get_device_name(self.device), torch.cuda.get_device_properties(self.device).total_memory,
+            self.plans_manager.dataset_name, self.plans_manager.plans_name,
+            self.plans_manager.experiment_planner_name, self.configuration_name,
+            self.configuration_manager.data_identifier, self.configuration_manager.patch_size, self.batch_size,
+            self._unlabeled_batch_size_this_rank())
+
+    def _caml_train_step(self, batch: dict) -> dict:
         unlabeled = next(self.dataloader_unlabeled)
         num_labeled = batch["data"].shape[0]
         data = torch.cat((batch["data"], unlabeled["data"])).to(self.device, non_blocking=True)

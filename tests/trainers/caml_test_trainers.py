@@ -2,7 +2,8 @@
 
 The tests put this folder on ``nnUNet_extTrainer`` beside the repository's ``trainers/`` folder, so nnU-Net's own
 trainer search finds these classes. Nothing here changes how CAML trains; ``nnUNetTrainerCAML_ddpOnCPU`` changes how
-nnU-Net places it (on the CPU under a process group, see there). Trainers whose tests check training, not nnU-Net's
+nnU-Net places it (on the CPU under a process group, see there), ``nnUNetTrainerCAML_smallGPU`` how much GPU memory it
+may use. Trainers whose tests check training, not nnU-Net's
 final validation, skip that validation (``_NoFinalValidation``).
 """
 import os
@@ -120,6 +121,18 @@ class nnUNetTrainerCAML_compileOnCPU(nnUNetTrainerCAML):
 
     def _do_i_compile(self):
         return os.environ.get("nnUNet_compile", "t").lower() in ("true", "1", "t")
+
+
+class nnUNetTrainerCAML_smallGPU(nnUNetTrainerCAML):
+    """CUDA only: once the networks and the optimizer are on the GPU, PyTorch's allocator may take 16 MiB more
+    (``torch.cuda.set_per_process_memory_fraction``), far less than a CAML step needs: a GPU too small for these
+    plans, so that the first step runs out of memory for real."""
+
+    def on_train_start(self):
+        super().on_train_start()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(self.device) + 16 * 2 ** 20) / total,
+                                                   self.device)
 
 
 class nnUNetTrainerCAML_envEpochs(nnUNetTrainerCAML):
