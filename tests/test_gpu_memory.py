@@ -76,7 +76,7 @@ def test_step_out_of_gpu_memory_stops_with_one_line_naming_the_plans_to_make_on_
     d = caml_dataset
     env = {**d["env"], "nnUNet_extTrainer": EXT_TRAINERS_WITH_TESTS}
     result = run_cli(["nnUNetv2_train", d["dataset_id"], d["configuration"], "all", "-tr",
-                      "nnUNetTrainerCAML_smallGPU", "-device", "cuda"], env, check=False)
+                      "nnUNetTrainerCAML_smallGPU", "-device", "cuda"], env, check=False, timeout=600)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert lines[-1].startswith("ERROR: CAML ran out of GPU memory on "), result.stderr[-3000:]

@@ -123,10 +123,18 @@ class nnUNetTrainerCAML_compileOnCPU(nnUNetTrainerCAML):
         return os.environ.get("nnUNet_compile", "t").lower() in ("true", "1", "t")
 
 
-class nnUNetTrainerCAML_smallGPU(nnUNetTrainerCAML):
+class nnUNetTrainerCAML_smallGPU(_NoFinalValidation, nnUNetTrainerCAML):
     """CUDA only: once the networks and the optimizer are on the GPU, PyTorch's allocator may take 16 MiB more
-    (``torch.cuda.set_per_process_memory_fraction``), far less than a CAML step needs: a GPU too small for these
-    plans, so that the first step runs out of memory for real."""
+    (``torch.cuda.set_per_process_memory_fraction``), far less than a CAML step needs (on the tests' 32x40x40 plans its
+    tensors saved for the backward pass alone are 281 MiB in float32): a GPU too small for these plans, so that the
+    first step runs out of memory for real. Should it not, the run ends after 2 steps."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
 
     def on_train_start(self):
         super().on_train_start()
