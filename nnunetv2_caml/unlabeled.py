@@ -383,14 +383,21 @@ def _run_in_pool(jobs: List[tuple], num_processes: int, description: str) -> Non
 
 
 def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Sequence[str] = ("3d_fullres",),
-                         plans_identifier: str = "nnUNetPlans", num_processes: int = default_num_processes,
+                         plans_identifier: str = "nnUNetPlans",
+                         num_processes: Union[int, Sequence[int]] = default_num_processes,
                          overwrite: bool = False, verbose: bool = False) -> List[str]:
     """Preprocess ``imagesTrUnlabeled`` of a planned dataset for each configuration; return the output folders.
 
+    ``num_processes``: as ``nnUNetv2_preprocess -np``, one number for all configurations or one per configuration.
     Everything is validated before anything is written. Finished cases are skipped unless
     ``overwrite``; configurations sharing a data_identifier are done once."""
-    if num_processes < 1:
-        raise UnlabeledDataError(f"-np must be at least 1, got {num_processes}")
+    processes = [num_processes] * len(configurations) if isinstance(num_processes, int) else list(num_processes)
+    if len(processes) != len(configurations):
+        raise UnlabeledDataError(f"-np takes one number, or one per configuration (as nnUNetv2_preprocess): got "
+                                 f"{len(processes)} for {len(configurations)} configuration(s) {' '.join(configurations)}")
+    if min(processes) < 1:
+        raise UnlabeledDataError(f"-np must be at least 1, got {' '.join(map(str, processes))}")
+    processes_of = dict(zip(configurations, processes))
     dataset_name = _resolve_dataset_name(dataset_name_or_id)
     plans_manager, dataset_json = _load_plans(dataset_name, plans_identifier)
     managers = _configuration_managers(plans_manager, configurations, plans_identifier)
@@ -433,7 +440,7 @@ def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Se
         jobs = [(k, cases[k], output_folder, preprocessor, plans_manager, configuration_manager, dataset_json,
                  fingerprint) for k in todo]
         try:
-            _run_in_pool(jobs, num_processes, f"Preprocessing unlabeled cases ({c})")
+            _run_in_pool(jobs, processes_of[c], f"Preprocessing unlabeled cases ({c})")
         finally:  # the pool's workers are gone by now
             shutil.rmtree(temporary, ignore_errors=True)
     return list(done_by)
@@ -507,14 +514,16 @@ def preprocess_unlabeled_entry() -> None:
     parser.add_argument("-d", nargs="+", required=True, help="dataset ID(s) or name(s)")
     parser.add_argument("-c", nargs="+", default=["3d_fullres"], help="configuration(s). Default: 3d_fullres")
     parser.add_argument("-plans_name", default="nnUNetPlans", help="plans identifier. Default: nnUNetPlans")
-    parser.add_argument("-np", type=int, default=default_num_processes,
-                        help=f"number of worker processes. Default: {default_num_processes}")
+    parser.add_argument("-np", type=int, nargs="+", default=[default_num_processes],
+                        help=f"number of worker processes: one number for all configurations, or one per "
+                             f"configuration (as nnUNetv2_preprocess). Default: {default_num_processes}")
     parser.add_argument("--overwrite", action="store_true", help="redo cases that are already finished")
     parser.add_argument("--verbose", action="store_true", help="print the preprocessor's per-case output")
     args = parser.parse_args()
     try:
         for d in args.d:
-            preprocess_unlabeled(d, args.c, args.plans_name, args.np, args.overwrite, args.verbose)
+            preprocess_unlabeled(d, args.c, args.plans_name, args.np[0] if len(args.np) == 1 else args.np,
+                                 args.overwrite, args.verbose)
     except UnlabeledDataError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(1)

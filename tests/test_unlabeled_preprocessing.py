@@ -107,9 +107,10 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(env):
-    """The first unlabeled preprocessing run (two configurations sharing one data folder)."""
+    """The first unlabeled preprocessing run (two configurations sharing one data folder; -np per configuration, as
+    nnUNetv2_preprocess takes it)."""
     result = _run(env, "nnUNetv2_caml_preprocess_unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "3d_small",
-                  "-np", 2)
+                  "-np", 2, 1)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -194,6 +195,17 @@ def test_rerun_skips_and_overwrite_redoes(env, first_run):
     assert after.keys() == before.keys()
     assert all(after[f][1] != before[f][1] for f in before)
     assert unlabeled_case_identifiers(folder) == UNLABELED_IDS
+
+
+def test_np_is_one_number_or_one_per_configuration(env, first_run):
+    folder = _output_folder(env)
+    before = _snapshot(folder)
+    result = _run(env, "nnUNetv2_caml_preprocess_unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "3d_small",
+                  "-np", 1, 1, 1)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "ERROR: -np takes one number, or one per configuration (as nnUNetv2_preprocess): got 3 for 2 "
+        "configuration(s) 3d_fullres 3d_small"), result.stderr
+    assert _snapshot(folder) == before
 
 
 def test_plans_sharing_nnunets_data_share_the_unlabeled_cases(nnunet_paths, first_run):
