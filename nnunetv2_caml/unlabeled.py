@@ -394,7 +394,8 @@ def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Se
     processes = [num_processes] * len(configurations) if isinstance(num_processes, int) else list(num_processes)
     if len(processes) != len(configurations):
         raise UnlabeledDataError(f"-np takes one number, or one per configuration (as nnUNetv2_preprocess): got "
-                                 f"{len(processes)} for {len(configurations)} configuration(s) {' '.join(configurations)}")
+                                 f"{len(processes)} for {len(configurations)} configuration(s) "
+                                 f"{' '.join(configurations)}")
     if min(processes) < 1:
         raise UnlabeledDataError(f"-np must be at least 1, got {' '.join(map(str, processes))}")
     processes_of = dict(zip(configurations, processes))

@@ -36,7 +36,7 @@ def test_proposed_plans_go_below_the_plans_that_did_not_fit():
 
 
 def _copy_of_dataset(d, root):
-    """The tests' dataset, raw and preprocessed, in a folder of its own (the new plans must not touch the shared one)."""
+    """The tests' dataset, raw and preprocessed, in a folder of its own (new plans must not touch the shared one)."""
     env = nnunet_env(root)
     shutil.copytree(d["raw"], f"{env['nnUNet_raw']}/{d['dataset_name']}")
     shutil.copytree(d["preprocessed"], f"{env['nnUNet_preprocessed']}/{d['dataset_name']}")

@@ -3,8 +3,8 @@
 The tests put this folder on ``nnUNet_extTrainer`` beside the repository's ``trainers/`` folder, so nnU-Net's own
 trainer search finds these classes. Nothing here changes how CAML trains; ``nnUNetTrainerCAML_ddpOnCPU`` changes how
 nnU-Net places it (on the CPU under a process group, see there), ``nnUNetTrainerCAML_smallGPU`` how much GPU memory it
-may use. Trainers whose tests check training, not nnU-Net's
-final validation, skip that validation (``_NoFinalValidation``).
+may use. Trainers whose tests check training, not nnU-Net's final validation, skip that validation
+(``_NoFinalValidation``).
 """
 import os
 
