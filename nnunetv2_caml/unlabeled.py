@@ -388,10 +388,13 @@ def preprocess_unlabeled(dataset_name_or_id: Union[int, str], configurations: Se
                          overwrite: bool = False, verbose: bool = False) -> List[str]:
     """Preprocess ``imagesTrUnlabeled`` of a planned dataset for each configuration; return the output folders.
 
-    ``num_processes``: as ``nnUNetv2_preprocess -np``, one number for all configurations or one per configuration.
+    ``num_processes``: as ``nnUNetv2_preprocess -np``, one number (alone or in a sequence) for all configurations,
+    or one per configuration.
     Everything is validated before anything is written. Finished cases are skipped unless
     ``overwrite``; configurations sharing a data_identifier are done once."""
-    processes = [num_processes] * len(configurations) if isinstance(num_processes, int) else list(num_processes)
+    processes = [num_processes] if isinstance(num_processes, int) else list(num_processes)
+    if len(processes) == 1:
+        processes *= len(configurations)
     if len(processes) != len(configurations):
         raise UnlabeledDataError(f"-np takes one number, or one per configuration (as nnUNetv2_preprocess): got "
                                  f"{len(processes)} for {len(configurations)} configuration(s) "
@@ -523,8 +526,7 @@ def preprocess_unlabeled_entry() -> None:
     args = parser.parse_args()
     try:
         for d in args.d:
-            preprocess_unlabeled(d, args.c, args.plans_name, args.np[0] if len(args.np) == 1 else args.np,
-                                 args.overwrite, args.verbose)
+            preprocess_unlabeled(d, args.c, args.plans_name, args.np, args.overwrite, args.verbose)
     except UnlabeledDataError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(1)
