@@ -42,6 +42,9 @@ nnUNetv2_predict -i "$raw/imagesTs" -o predictions -d 502 -c 3d_cpu -f all -tr n
   -chk checkpoint_final.pth -device cpu --disable_tta -npp 1 -nps 1 > predict.log 2>&1 || { tail -40 predict.log; exit 1; }
 nnUNetv2_caml_evaluate -ref "$raw/labelsTs" -pred predictions -o summary.json | tail -2
 test -s summary.json
+# the cascade's command from the wheel: 3d_cpu is no cascade's first stage, which it says in one line
+if nnUNetv2_caml_predict_next_stage -d 502 -c 3d_cpu -tr nnUNetTrainerCAML_tiny -f all 2> err.txt; then exit 1; fi
+grep -q "^ERROR: configuration 3d_cpu has no next stage" err.txt || { cat err.txt; exit 1; }
 
 echo "[wheel] a numbered fold: nnUNetv2_find_best_configuration, nnUNetv2_export_model_to_zip, installing it, predicting"
 # 4 labeled cases are too few for nnU-Net's 5-fold split: fold 0 from a hand-written splits_final.json, as a user would

@@ -12,6 +12,7 @@ main network is wrong, and the mutual consistency on the unlabeled images passes
 view). The main network, the one ``nnUNetv2_predict`` uses, keeps nnU-Net's input unchanged.
 """
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +65,23 @@ def local_contrast(x: torch.Tensor, sigma: float = DEFAULT_SIGMA, eps: float = 1
 
 
 class LocalContrastInput(nn.Module):
-    """A U-Net's first encoder stage fed with the :func:`local_contrast` view of the network's input."""
+    """A U-Net's first encoder stage fed with the :func:`local_contrast` view of the network's input: of its first
+    ``num_image_channels`` channels (None: all), the images; the channels after them (the previous stage's one-hot
+    segmentation in nnU-Net's cascade) pass unchanged."""
 
-    def __init__(self, stage: nn.Module, sigma: float):
+    def __init__(self, stage: nn.Module, sigma: float, num_image_channels: Optional[int] = None):
         super().__init__()
         self.stage = stage
         self.sigma = sigma
+        self.num_image_channels = num_image_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage(local_contrast(x, self.sigma))
+        n = self.num_image_channels
+        if n is None or n == x.shape[1]:
+            return self.stage(local_contrast(x, self.sigma))
+        view = local_contrast(x[:, :n], self.sigma)
+        return self.stage(torch.cat((view, x[:, n:].to(view.dtype)), dim=1))
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma}"
+        return f"sigma={self.sigma}" + ("" if self.num_image_channels is None else
+                                        f", num_image_channels={self.num_image_channels}")

@@ -79,14 +79,16 @@ def build_plans_unet(configuration_manager: ConfigurationManager, num_input_chan
 def build_auxiliary_network(configuration_manager: ConfigurationManager, num_input_channels: int,
                             num_output_channels: int, use_cma: bool = True, cma_stage: int = -2,
                             cma_num_heads: int = 4, upsampling_kernel_size: Optional[int] = None,
-                            local_contrast_sigma: Optional[float] = None) -> nn.Module:
+                            local_contrast_sigma: Optional[float] = None,
+                            num_image_channels: Optional[int] = None) -> nn.Module:
     """The auxiliary network: the plans' U-Net with CMA in the encoder and interpolation upsampling in the decoder.
 
     ``cma_stage`` indexes the encoder stages (negative counts from the bottleneck: -2 is the stage just above it).
     ``upsampling_kernel_size`` is the kernel of the convolution after each interpolation: None takes the plans' kernel
     of the stage it feeds (3x3x3, like the paper's upsampling block); 1 costs what the transposed convolution costs.
     ``local_contrast_sigma`` (voxels), unless None, feeds the encoder the local-contrast view of the input
-    (:func:`with_local_contrast_input`).
+    (:func:`with_local_contrast_input`) of its first ``num_image_channels`` channels (None: all; in nnU-Net's cascade
+    the previous stage's segmentation follows the images).
     Deep supervision is always on: the auxiliary network is only used for training.
     """
     network = build_plans_unet(configuration_manager, num_input_channels, num_output_channels, True)
@@ -108,20 +110,21 @@ def build_auxiliary_network(configuration_manager: ConfigurationManager, num_inp
                                                     CrossSampleMutualAttention(encoder.output_channels[stage],
                                                                                cma_num_heads))
     if local_contrast_sigma is not None:
-        with_local_contrast_input(network, local_contrast_sigma)
+        with_local_contrast_input(network, local_contrast_sigma, num_image_channels)
     for module in new_modules:
         module.apply(InitWeights_He(1e-2))
     return network
 
 
-def with_local_contrast_input(network: nn.Module, sigma: float) -> nn.Module:
-    """``network`` (a U-Net) changed in place to see the local-contrast view of its input: :class:`LocalContrastInput`
-    around the encoder's first module (the stem where it has one, else the first stage)."""
+def with_local_contrast_input(network: nn.Module, sigma: float, num_image_channels: Optional[int] = None) -> nn.Module:
+    """``network`` (a U-Net) changed in place to see the local-contrast view of its input (of its first
+    ``num_image_channels`` channels; None: all): :class:`LocalContrastInput` around the encoder's first module (the
+    stem where it has one, else the first stage)."""
     encoder = network.encoder
     if getattr(encoder, "stem", None) is not None:
-        encoder.stem = LocalContrastInput(encoder.stem, sigma)
+        encoder.stem = LocalContrastInput(encoder.stem, sigma, num_image_channels)
     else:
-        encoder.stages[0] = LocalContrastInput(encoder.stages[0], sigma)
+        encoder.stages[0] = LocalContrastInput(encoder.stages[0], sigma, num_image_channels)
     return network
 
 

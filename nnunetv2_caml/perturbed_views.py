@@ -11,6 +11,8 @@ applied to every unlabeled patch instead of to a few, with wider ranges. It chan
 views' predictions compare voxel by voxel. :class:`UnlabeledDataLoaderWithPerturbedView` makes the strong view in the
 augmentation workers, next to nnU-Net's view, as ``batch["data_perturbed"]``.
 """
+from typing import Optional
+
 import torch
 from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
@@ -45,15 +47,22 @@ def strong_intensity_transforms(contrast: RandomScalar = (0.5, 1.5), gamma: Rand
 
 class UnlabeledDataLoaderWithPerturbedView(nnUNetDataLoader):
     """nnU-Net's data loader for unlabeled patches that also returns, as ``"data_perturbed"``, each patch after
-    ``perturbation`` (applied to a copy of nnU-Net's augmented patch, so both views share every voxel's position)."""
+    ``perturbation`` (applied to a copy of nnU-Net's augmented patch, so both views share every voxel's position).
+    Only the first ``num_image_channels`` channels (None: all) are perturbed: in nnU-Net's cascade the previous stage's
+    one-hot segmentation follows the images and stays as it is."""
 
-    def __init__(self, *args, perturbation: BasicTransform = None, **kwargs):
+    def __init__(self, *args, perturbation: BasicTransform = None, num_image_channels: Optional[int] = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.perturbation = perturbation if perturbation is not None else strong_intensity_transforms()
+        self.num_image_channels = num_image_channels
 
     def generate_train_batch(self):
         batch = super().generate_train_batch()
+        n = self.num_image_channels
         with torch.no_grad():
-            batch["data_perturbed"] = torch.stack([self.perturbation(image=patch.clone())["image"]
-                                                   for patch in batch["data"]])
+            perturbed = batch["data"].clone()
+            for patch in perturbed:
+                patch[:n] = self.perturbation(image=patch[:n])["image"]
+            batch["data_perturbed"] = perturbed
         return batch

@@ -38,6 +38,8 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from torch import autocast, nn
 from torch.profiler import record_function
 
+from nnunetv2_caml.cascade import (assert_previous_stage_ready, predict_next_stage_command,
+                                   unlabeled_previous_stage_folder)
 from nnunetv2_caml.checkpoints import (CHECKPOINT_AUXILIARY_NETWORK, CHECKPOINT_MEMORY_BANK, CHECKPOINT_OCC_HEADS,
                                        CHECKPOINT_SETTINGS, CAMLCheckpointError, caml_state_digest, has_caml_state,
                                        read_checkpoint, save_atomically, weights_digest)
@@ -118,10 +120,6 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self._main_network_at_initialization = None  # digest of its weights, until a checkpoint is loaded
         self.logger.local_logger = CAMLLocalLogger()
 
-        if self.is_cascaded:
-            raise CAMLConfigurationError(
-                f"CAML does not support cascade configurations ('{configuration}' uses the segmentations of "
-                f"'{self.configuration_manager.previous_stage_name}'); train 3d_fullres, 3d_lowres or 2d instead.")
         if self.label_manager.has_regions:
             raise CAMLConfigurationError("CAML needs softmax (class) labels; this dataset uses region-based training "
                                          "('regions_class_order' in dataset.json), which CAML does not support.")
@@ -138,7 +136,8 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         num_classes = self.label_manager.num_segmentation_heads
         self.auxiliary_network = build_auxiliary_network(
             self.configuration_manager, num_input_channels, num_classes, self.use_cma, self.cma_stage,
-            self.cma_num_heads, self.auxiliary_upsampling_kernel_size, self.auxiliary_local_contrast).to(self.device)
+            self.cma_num_heads, self.auxiliary_upsampling_kernel_size, self.auxiliary_local_contrast,
+            self._num_image_channels()).to(self.device)
         if self.is_ddp:  # as nnU-Net converts the main network (a no-op for the usual InstanceNorm plans)
             self.auxiliary_network = nn.SyncBatchNorm.convert_sync_batchnorm(self.auxiliary_network)
         self.occ = OmniCorrelationConsistency(
@@ -155,6 +154,13 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         self._features_aux = DecoderFeatures(unwrapped(self.auxiliary_network))
         self._main_network_at_initialization = weights_digest(unwrapped(self.network).state_dict())
         self.print_to_log_file("CAML settings: " + ", ".join(f"{k}={v}" for k, v in self.caml_settings().items()))
+
+    def _num_image_channels(self) -> int:
+        """The input's image channels: all of them, except in a cascade stage, where the previous stage's one-hot
+        segmentation (one channel per foreground label) follows them."""
+        num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                          self.dataset_json)
+        return num_input_channels - (len(self.label_manager.foreground_labels) if self.is_cascaded else 0)
 
     def caml_settings(self) -> dict:
         """CAML's settings in force (``unlabeled_batch_size`` resolved to the number of patches)."""
@@ -196,11 +202,13 @@ class nnUNetTrainerCAML(nnUNetTrainer):
                                                        self.configuration_manager.data_identifier,
                                                        self.configuration_name, self.plans_manager.plans_name,
                                                        fingerprint, self.dataset_json)
+        previous_stage_folder = self._unlabeled_previous_stage_folder(unlabeled_folder) if self.is_cascaded else None
         dataloader_train, dataloader_val = super().get_dataloaders()
-        self.dataloader_unlabeled = self._get_unlabeled_dataloader(unlabeled_folder)
+        self.dataloader_unlabeled = self._get_unlabeled_dataloader(unlabeled_folder, previous_stage_folder)
         self.print_to_log_file(f"CAML: training on {self._num_labeled_cases} labeled case(s) of fold {self.fold} and "
                                f"{len(unlabeled_case_identifiers(unlabeled_folder))} unlabeled case(s) from "
-                               f"{unlabeled_folder}")
+                               f"{unlabeled_folder}" + (f", with the previous stage's segmentations from "
+                                                        f"{previous_stage_folder}" if self.is_cascaded else ""))
         if self.is_ddp:
             self.print_to_log_file(
                 f"CAML: rank {self.local_rank} of {dist.get_world_size()} draws {self.batch_size} labeled and "
@@ -208,22 +216,36 @@ class nnUNetTrainerCAML(nnUNetTrainer):
                 f"heads are averaged over the ranks, the memory bank holds every rank's cases")
         return dataloader_train, dataloader_val
 
-    def _get_unlabeled_dataloader(self, unlabeled_folder: str):
-        """Unlabeled patches: random crops with nnU-Net's training augmentation, like the labeled ones. In a multi-GPU
-        run each rank draws its share of the batch from all unlabeled cases, as nnU-Net's labeled loader does, with
+    def _unlabeled_previous_stage_folder(self, unlabeled_folder: str) -> str:
+        """Cascade: the previous stage's segmentations of the unlabeled cases (nnunetv2_caml/cascade.py), checked."""
+        previous_stage = self.configuration_manager.previous_stage_name
+        folder = unlabeled_previous_stage_folder(self.plans_manager.dataset_name, self.__class__.__name__,
+                                                 self.plans_manager.plans_name, previous_stage, self.configuration_name)
+        assert_previous_stage_ready(folder, unlabeled_case_identifiers(unlabeled_folder), predict_next_stage_command(
+            self.plans_manager.dataset_name, previous_stage, self.__class__.__name__, self.plans_manager.plans_name))
+        return folder
+
+    def _get_unlabeled_dataloader(self, unlabeled_folder: str, previous_stage_folder: str = None):
+        """Unlabeled patches: random crops with nnU-Net's training augmentation, like the labeled ones (in a cascade
+        stage with the previous stage's segmentation as input channels, as nnU-Net adds them). In a multi-GPU run each
+        rank draws its share of the batch from all unlabeled cases, as nnU-Net's labeled loader does, with
         augmentation workers seeded apart from every other rank's."""
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
             self.configuration_manager.patch_size, rotation, self._get_deep_supervision_scales(), mirror_axes,
-            dummy_2d, use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            dummy_2d, use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
             foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
-        dataset = infer_dataset_class(unlabeled_folder)(unlabeled_folder, unlabeled_case_identifiers(unlabeled_folder))
-        loader_class = UnlabeledDataLoaderWithPerturbedView if self.perturbed_view else nnUNetDataLoader
+        dataset = infer_dataset_class(unlabeled_folder)(unlabeled_folder, unlabeled_case_identifiers(unlabeled_folder),
+                                                        folder_with_segs_from_previous_stage=previous_stage_folder)
+        if self.perturbed_view:  # only the images are perturbed, not the previous stage's one-hot channels
+            loader_class, extra = UnlabeledDataLoaderWithPerturbedView, {"num_image_channels": self._num_image_channels()}
+        else:
+            loader_class, extra = nnUNetDataLoader, {}
         loader = loader_class(dataset, self._unlabeled_batch_size_this_rank(), initial_patch_size,
                               self.configuration_manager.patch_size, self.label_manager,
-                              oversample_foreground_percent=0.0, transforms=transforms)
+                              oversample_foreground_percent=0.0, transforms=transforms, **extra)
         loader.has_ignore = False  # unlabeled cases have no annotated-voxel locations: always crop at random
         num_processes = get_allowed_n_proc_DA()
         if num_processes == 0:

@@ -192,7 +192,9 @@ def _load_plans(dataset_name: str, plans_identifier: str) -> Tuple[PlansManager,
 
 def _configuration_managers(plans_manager: PlansManager, configurations: Sequence[str],
                             plans_identifier: str) -> Dict[str, ConfigurationManager]:
-    """Configuration managers for the requested configurations, refusing unknown and cascade ones."""
+    """Configuration managers for the requested configurations, refusing unknown ones. A cascade stage (e.g.
+    3d_cascade_fullres) preprocesses the images as the configuration it inherits from and shares its data, as in
+    nnU-Net; the previous stage's segmentations of the unlabeled cases come from nnUNetv2_caml_predict_next_stage."""
     available = plans_manager.available_configurations
     managers = {}
     for c in configurations:
@@ -200,11 +202,6 @@ def _configuration_managers(plans_manager: PlansManager, configurations: Sequenc
             raise UnlabeledDataError(f"configuration {c!r} is not in {plans_identifier}.json: "
                                      f"use one of {', '.join(available)}")
         managers[c] = plans_manager.get_configuration(c)
-        if managers[c].previous_stage_name is not None:
-            raise UnlabeledDataError(
-                f"configuration {c} is a cascade stage (previous_stage {managers[c].previous_stage_name}) and "
-                f"needs predictions of the previous stage, which unlabeled images do not have: use a "
-                f"configuration without previous_stage (e.g. 3d_fullres)")
         if managers[c].preprocessor_class is None:
             raise UnlabeledDataError(f"preprocessor {managers[c].preprocessor_name} of configuration {c} not "
                                      f"found in nnunetv2.preprocessing: fix preprocessor_name in the plans")

@@ -61,3 +61,20 @@ def test_labeled_only_control_predicts_through_the_view():
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         assert torch.allclose(network(x), network(x + 50), atol=1e-4)
+
+
+def test_cascade_view_changes_the_images_and_passes_the_previous_stage_channels_unchanged():
+    """In nnU-Net's cascade the previous stage's one-hot segmentation follows the images: only the images get the
+    view."""
+    torch.manual_seed(0)
+    seen = []
+    stage = LocalContrastInput(torch.nn.Identity(), 3.0, num_image_channels=2)
+    stage.stage.register_forward_hook(lambda module, args, output: seen.append(output))
+    images = 100 + 5 * torch.randn(2, 2, 12, 12, 12)
+    one_hot = (torch.rand(2, 1, 12, 12, 12) > 0.5).float()
+    stage(torch.cat((images, one_hot), dim=1))
+    assert torch.equal(seen[0][:, 2:], one_hot)
+    assert torch.allclose(seen[0][:, :2], local_contrast(images, 3.0))
+    network = build_auxiliary_network(configuration(3), 3, 2, use_cma=False, local_contrast_sigma=3.0,
+                                      num_image_channels=2)
+    assert network.encoder.stages[0].num_image_channels == 2

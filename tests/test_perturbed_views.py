@@ -53,3 +53,24 @@ def test_loader_returns_nnunet_view_and_perturbed_view_of_the_same_patches(caml_
         assert (weak - strong).abs().mean() > 1e-3
         # the same crop, differently lit: voxel intensities stay strongly correlated
         assert np.corrcoef(weak.flatten().numpy(), strong.flatten().numpy())[0, 1] > 0.7
+
+
+def test_cascade_perturbs_only_the_images_not_the_previous_stage_channels(caml_dataset):
+    """In nnU-Net's cascade the previous stage's one-hot segmentation follows the images in ``data``: the strong view
+    perturbs the images and keeps those channels as they are."""
+    folder = caml_dataset["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    dataset = infer_dataset_class(str(folder))(str(folder), unlabeled_case_identifiers(str(folder)))
+    label_manager = LabelManager({"background": 0, "left_atrium": 1}, regions_class_order=None)
+    def one_hot(image, segmentation):  # as nnU-Net's cascade augmentation ends: an image, then a one-hot channel
+        return {"image": torch.cat((image, (image > 0).float())), "segmentation": segmentation}
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    loader = UnlabeledDataLoaderWithPerturbedView(dataset, 2, (16, 20, 20), (16, 20, 20), label_manager,
+                                                  oversample_foreground_percent=0.0, transforms=one_hot,
+                                                  num_image_channels=1)
+    batch = next(loader)
+    data, perturbed = batch["data"], batch["data_perturbed"]
+    assert perturbed.shape == data.shape == (2, 2, 16, 20, 20)
+    assert torch.equal(perturbed[:, 1], data[:, 1])
+    assert all((weak - strong).abs().mean() > 1e-3 for weak, strong in zip(data[:, 0], perturbed[:, 0]))

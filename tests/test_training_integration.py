@@ -198,18 +198,3 @@ def test_training_without_imagesTrUnlabeled_says_where_to_put_them(caml_dataset)
         shutil.move(moved, folder)
         shutil.move(moved_raw, raw_unlabeled)
     assert "imagesTrUnlabeled" in message
-
-
-def test_cascade_configuration_stops_at_start(caml_dataset):
-    d = caml_dataset
-    plans_file = d["preprocessed"] / "nnUNetPlans.json"
-    original = plans_file.read_text()
-    plans = json.loads(original)
-    plans["configurations"]["3d_cascade_test"] = {"inherits_from": d["configuration"],
-                                                  "previous_stage": d["configuration"]}
-    plans_file.write_text(json.dumps(plans))
-    try:
-        message = _train_error(d, "3d_cascade_test")
-    finally:
-        plans_file.write_text(original)
-    assert "cascade" in message and "CAML" in message

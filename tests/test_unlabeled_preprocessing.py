@@ -94,7 +94,7 @@ def env(tmp_path_factory):
     result = _run(environment, "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres",
                   "-np", 1, "-npfp", 1, "--no_pbar")
     assert result.returncode == 0, result.stdout + result.stderr
-    # extra configurations: one sharing 3d_fullres's data, one cascade stage (refused)
+    # extra configurations sharing 3d_fullres's data: a smaller batch, and a cascade stage above 3d_fullres
     plans_file = join(paths["nnUNet_preprocessed"], DATASET, "nnUNetPlans.json")
     with open(plans_file) as f:
         plans = json.load(f)
@@ -107,10 +107,10 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(env):
-    """The first unlabeled preprocessing run (two configurations sharing one data folder; -np per configuration, as
-    nnUNetv2_preprocess takes it)."""
+    """The first unlabeled preprocessing run (three configurations sharing one data folder, one of them a cascade
+    stage; -np per configuration, as nnUNetv2_preprocess takes it)."""
     result = _run(env, "nnUNetv2_caml_preprocess_unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "3d_small",
-                  "-np", 2, 1)
+                  "3d_fake_cascade", "-np", 2, 1, 1)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -143,6 +143,7 @@ def test_layout_and_shared_configuration(env, first_run):
     assert sorted(os.listdir(folder)) == sorted(f"{k}{s}" for k in UNLABELED_IDS for s in (".b2nd", "_seg.b2nd", ".pkl"))
     assert unlabeled_case_identifiers(folder) == UNLABELED_IDS
     assert "3d_small: same preprocessed data as 3d_fullres" in first_run.stdout
+    assert "3d_fake_cascade: same preprocessed data as 3d_fullres" in first_run.stdout
     # nnU-Net's labeled folder is untouched and holds only labeled cases
     labeled = join(env["nnUNet_preprocessed"], DATASET, "nnUNetPlans_3d_fullres")
     assert nnUNetDatasetBlosc2.get_identifiers(labeled) and not any(
@@ -326,7 +327,6 @@ BAD_INPUTS = {
                             ["unl_001", "1 channel(s)", f"exactly unl_001_0000{ENDING}"]),
     "unknown_configuration": (None, ["-d", BROKEN_ID, "-c", "3d_fullres", "3d_nope"],
                               ["3d_nope", "use one of", "3d_fullres"]),
-    "cascade_configuration": (None, ["-d", BROKEN_ID, "-c", "3d_fake_cascade"], ["previous_stage", "3d_fake_cascade"]),
     "id_also_in_imagesTr": (lambda u, env: _clashing_id(u), ["-d", BROKEN_ID], ["case_003", "imagesTr"]),
     "id_ending_in_seg": (lambda u, env: _new_case(u, _with(1.0), name="unl_003_seg"), ["-d", BROKEN_ID],
                          ["unl_003_seg_0000", "_seg", "rename"]),
