@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import sys
 from typing import List, Sequence, Union
 
 import torch
@@ -30,6 +29,7 @@ from nnunetv2.inference.export_prediction import resample_and_save
 from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
+from nnunetv2_caml.errors import run_resumable_command
 from nnunetv2_caml.unlabeled import (TEMPORARY_FOLDER, UnlabeledDataError, _dataset_id, _load_plans,
                                      _resolve_dataset_name, assert_unlabeled_data_ready, preprocessing_fingerprint,
                                      unlabeled_case_identifiers)
@@ -199,13 +199,6 @@ def predict_next_stage_entry() -> None:
     parser.add_argument("--disable_tta", action="store_true", help="no mirroring at test time (faster)")
     parser.add_argument("--overwrite", action="store_true", help="predict finished cases again")
     args = parser.parse_args()
-    try:
-        predict_next_stage_unlabeled(args.d, args.c, args.tr, args.p, args.f, args.chk,
-                                     torch.device(args.device) if args.device else None, not args.disable_tta,
-                                     args.overwrite)
-    except UnlabeledDataError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("ERROR: interrupted; finished cases are kept, rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+    run_resumable_command(lambda: predict_next_stage_unlabeled(
+        args.d, args.c, args.tr, args.p, args.f, args.chk, torch.device(args.device) if args.device else None,
+        not args.disable_tta, args.overwrite))

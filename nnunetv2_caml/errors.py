@@ -6,6 +6,7 @@ is nnU-Net's, not ours) :func:`install_one_line_errors` makes an uncaught ``CAML
 stderr, exit status 1, without a traceback; every other exception keeps Python's usual report.
 """
 import sys
+from typing import Callable
 
 
 class CAMLError(RuntimeError):
@@ -24,3 +25,16 @@ def install_one_line_errors() -> None:
     if sys.excepthook is not _one_line_excepthook:
         _one_line_excepthook.__defaults__ = (sys.excepthook,)
         sys.excepthook = _one_line_excepthook
+
+
+def run_resumable_command(work: Callable[[], object]) -> None:
+    """Run a command's ``work`` (one that keeps finished cases when stopped): a :class:`CAMLError` ends it as
+    ``ERROR: message`` with exit status 1, Ctrl-C with one line saying that a rerun continues."""
+    try:
+        work()
+    except CAMLError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("ERROR: interrupted; finished cases are kept, rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import sys
 import tempfile
 from time import sleep
 from typing import Dict, List, Sequence, Tuple, Union
@@ -40,7 +39,7 @@ from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_dataset
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
 
-from nnunetv2_caml.errors import CAMLError
+from nnunetv2_caml.errors import CAMLError, run_resumable_command
 
 UNLABELED_IMAGES_FOLDER = "imagesTrUnlabeled"
 # Cases are written here first, then renamed into the output folder. nnU-Net's dataset class only
@@ -521,12 +520,5 @@ def preprocess_unlabeled_entry() -> None:
     parser.add_argument("--overwrite", action="store_true", help="redo cases that are already finished")
     parser.add_argument("--verbose", action="store_true", help="print the preprocessor's per-case output")
     args = parser.parse_args()
-    try:
-        for d in args.d:
-            preprocess_unlabeled(d, args.c, args.plans_name, args.np, args.overwrite, args.verbose)
-    except UnlabeledDataError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("ERROR: interrupted; finished cases are kept, rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+    run_resumable_command(lambda: [preprocess_unlabeled(d, args.c, args.plans_name, args.np, args.overwrite,
+                                                        args.verbose) for d in args.d])
