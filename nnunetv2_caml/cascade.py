@@ -20,6 +20,7 @@ import os
 import shutil
 from typing import List, Sequence, Union
 
+import blosc2
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json, maybe_mkdir_p, save_json
 from tqdm import tqdm
@@ -56,14 +57,23 @@ def predict_next_stage_command(dataset_name: str, previous_stage: str, trainer_n
     return command if plans_identifier == "nnUNetPlans" else f"{command} -p {plans_identifier}"
 
 
-def assert_previous_stage_ready(folder: str, case_ids: Sequence[str], command: str) -> None:
-    """Refuse a cascade training run when an unlabeled case has no segmentation of the previous stage."""
+def assert_previous_stage_ready(folder: str, unlabeled_folder: str, command: str) -> None:
+    """Refuse a cascade training run when an unlabeled case of ``unlabeled_folder`` has no segmentation of the
+    previous stage in ``folder``, or one of another shape (the unlabeled cases were preprocessed again since)."""
+    case_ids = unlabeled_case_identifiers(unlabeled_folder)
     missing = [k for k in case_ids if not isfile(join(folder, k + ".b2nd"))]
     if missing:
         raise UnlabeledDataError(
             f"{len(missing)} of {len(case_ids)} unlabeled case(s) have no segmentation of the previous stage in "
             f"{folder} (e.g. {missing[0]}), which the cascade needs as input: train the previous stage with the same "
             f"trainer, then run `{command}`")
+    for k in case_ids:
+        shape, expected = blosc2.open(join(folder, k + ".b2nd"), mode="r").shape, \
+            blosc2.open(join(unlabeled_folder, k + ".b2nd"), mode="r").shape[1:]
+        if tuple(shape) != tuple(expected):
+            raise UnlabeledDataError(
+                f"the previous stage's segmentation of unlabeled case {k} in {folder} has shape {list(shape)}, its "
+                f"preprocessed image {list(expected)} (preprocessed again since?): run `{command} --overwrite`")
 
 
 def _file_digest(path: str) -> str:
@@ -84,8 +94,7 @@ def _model_record(model_folder: str, folds: Sequence[Union[int, str]], checkpoin
             raise UnlabeledDataError(f"{checkpoint} not found: train fold {f} of the previous stage first, or name "
                                      f"the trained folds with -f (and the checkpoint with -chk)")
         files[f"fold_{f}"] = _file_digest(checkpoint)
-    return {"model_folder": os.path.abspath(model_folder), "checkpoint": checkpoint_name,
-            "sha256": files, "use_mirroring": use_mirroring}
+    return {"checkpoint": checkpoint_name, "sha256": files, "use_mirroring": use_mirroring}
 
 
 def predict_next_stage_unlabeled(dataset_name_or_id: Union[int, str], configuration: str = "3d_lowres",

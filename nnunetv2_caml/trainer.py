@@ -221,7 +221,7 @@ class nnUNetTrainerCAML(nnUNetTrainer):
         previous_stage = self.configuration_manager.previous_stage_name
         folder = unlabeled_previous_stage_folder(self.plans_manager.dataset_name, self.__class__.__name__,
                                                  self.plans_manager.plans_name, previous_stage, self.configuration_name)
-        assert_previous_stage_ready(folder, unlabeled_case_identifiers(unlabeled_folder), predict_next_stage_command(
+        assert_previous_stage_ready(folder, unlabeled_folder, predict_next_stage_command(
             self.plans_manager.dataset_name, previous_stage, self.__class__.__name__, self.plans_manager.plans_name))
         return folder
 

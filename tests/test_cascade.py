@@ -1,6 +1,7 @@
 """CAML in nnU-Net's cascade, through the real command-line tools: the first stage trains, its segmentations of the
 unlabeled cases are written by ``nnUNetv2_caml_predict_next_stage``, and the cascade stage trains on them."""
 import json
+import shutil
 from contextlib import contextmanager
 
 import blosc2
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from conftest import add_small_configuration, run_cli
-from nnunetv2_caml.cascade import PREDICTED_BY_FILE, predict_next_stage_unlabeled
+from nnunetv2_caml.cascade import PREDICTED_BY_FILE, assert_previous_stage_ready, predict_next_stage_unlabeled
+from nnunetv2_caml.unlabeled import UnlabeledDataError
 from test_training_integration import TRAINER, _load, _train_error
 
 LOWRES, CASCADE = "3d_cpu_lowres", "3d_cpu_cascade"
@@ -90,6 +92,14 @@ def test_cascade_trains_on_the_first_stages_segmentations_of_the_unlabeled_cases
         assert all(np.isfinite(checkpoint["logging"][key])) and checkpoint["logging"][key][-1] > 0, key
     log = sorted(output.glob("training_log_*.txt"))[-1].read_text()  # the last run's (the refused one wrote one too)
     assert "and 4 unlabeled case(s)" in log and f"previous stage's segmentations from {written}" in log
+
+    # a segmentation that no longer fits its preprocessed image (preprocessed again since) is refused, naming the fix
+    moved = d["root"] / "previous_stage_of_other_shape"
+    shutil.copytree(written, moved)
+    blosc2.asarray(np.zeros((4, 4, 4), np.uint8), urlpath=str(moved / "unl_002.b2nd"), mode="w")
+    with pytest.raises(UnlabeledDataError, match="unl_002 .* has shape \\[4, 4, 4\\].*--overwrite"):
+        assert_previous_stage_ready(str(moved), str(unlabeled_data), "nnUNetv2_caml_predict_next_stage ...")
+    assert_previous_stage_ready(str(written), str(unlabeled_data), "")
 
     # segmentations of another model are not mixed in: a retrained first stage needs --overwrite
     final = lowres / "fold_all" / "checkpoint_final.pth"
