@@ -23,7 +23,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_caml.unlabeled import (FINGERPRINT_KEY, TEMPORARY_FOLDER, UNLABELED_IMAGES_FOLDER, UnlabeledDataError,
                                      assert_unlabeled_data_ready, fingerprint_differences, preprocessing_fingerprint,
-                                     unlabeled_case_identifiers, unlabeled_preprocessed_folder)
+                                     preprocess_unlabeled_entry, unlabeled_case_identifiers,
+                                     unlabeled_preprocessed_folder)
 
 DATASET_ID = 987
 DATASET = "Dataset987_CamlUnlabeledTest"
@@ -353,16 +354,32 @@ def broken(env, first_run):
         shutil.rmtree(join(env[root], BROKEN), ignore_errors=True)
 
 
+def _run_entry_in_process(monkeypatch, capsys, env, *args) -> subprocess.CompletedProcess:
+    """``nnUNetv2_caml_preprocess_unlabeled ARGS`` through its entry point in this process, with ``env``'s variables
+    (what the installed command runs, without a new interpreter's start-up: the many bad-input cases stay cheap)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys, "argv", ["nnUNetv2_caml_preprocess_unlabeled", *map(str, args)])
+    capsys.readouterr()
+    try:
+        preprocess_unlabeled_entry()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input_fails_with_one_line(env, broken, name):
+def test_bad_input_fails_with_one_line(env, broken, name, monkeypatch, capsys):
     breaker, arguments, words = BAD_INPUTS[name]
     if breaker is not None:
         breaker(broken, env)
     before = _snapshot(env["nnUNet_preprocessed"])
-    result = _run(env, "nnUNetv2_caml_preprocess_unlabeled", *arguments, "-np", 1)
+    result = _run_entry_in_process(monkeypatch, capsys, env, *arguments, "-np", 1)
     assert result.returncode == 1
     # the progress bar (tqdm, on stderr like nnU-Net's) may stand before the error; the error is one line
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("Preprocessing unlabeled")]
+    lines = [line for line in result.stderr.strip().splitlines() if "Preprocessing unlabeled" not in line]
     assert len(lines) == 1 and lines[0].startswith("ERROR: ") and "Traceback" not in result.stderr, result.stderr
     for word in words:
         assert word in lines[0], lines[0]
