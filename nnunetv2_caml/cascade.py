@@ -28,7 +28,7 @@ from tqdm import tqdm
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.export_prediction import resample_and_save
 from nnunetv2.paths import nnUNet_results
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
 from nnunetv2_caml.errors import run_resumable_command
 from nnunetv2_caml.unlabeled import (TEMPORARY_FOLDER, UnlabeledDataError, _dataset_id, _load_plans,
@@ -57,6 +57,12 @@ def predict_next_stage_command(dataset_name: str, previous_stage: str, trainer_n
     return command if plans_identifier == "nnUNetPlans" else f"{command} -p {plans_identifier}"
 
 
+def _image_shape(unlabeled_folder: str, case_id: str) -> tuple:
+    """The spatial shape of a preprocessed unlabeled case (``unlabeled.py`` writes them with nnUNetDatasetBlosc2), read
+    from the file's header."""
+    return blosc2.open(join(unlabeled_folder, case_id + ".b2nd"), mode="r").shape[1:]
+
+
 def assert_previous_stage_ready(folder: str, unlabeled_folder: str, command: str) -> None:
     """Refuse a cascade training run when an unlabeled case of ``unlabeled_folder`` has no segmentation of the
     previous stage in ``folder``, or one of another shape (the unlabeled cases were preprocessed again since)."""
@@ -68,8 +74,7 @@ def assert_previous_stage_ready(folder: str, unlabeled_folder: str, command: str
             f"{folder} (e.g. {missing[0]}), which the cascade needs as input: train the previous stage with the same "
             f"trainer, then run `{command}`")
     for k in case_ids:
-        shape, expected = blosc2.open(join(folder, k + ".b2nd"), mode="r").shape, \
-            blosc2.open(join(unlabeled_folder, k + ".b2nd"), mode="r").shape[1:]
+        shape, expected = blosc2.open(join(folder, k + ".b2nd"), mode="r").shape, _image_shape(unlabeled_folder, k)
         if tuple(shape) != tuple(expected):
             raise UnlabeledDataError(
                 f"the previous stage's segmentation of unlabeled case {k} in {folder} has shape {list(shape)}, its "
@@ -137,7 +142,7 @@ def predict_next_stage_unlabeled(dataset_name_or_id: Union[int, str], configurat
     targets = {n: unlabeled_folder(n) for n in next_stages}
     outputs = {n: unlabeled_previous_stage_folder(dataset_name, trainer_name, plans_identifier, configuration, n)
                for n in next_stages}
-    for n, out in outputs.items():
+    for out in outputs.values():
         if isfile(join(out, PREDICTED_BY_FILE)) and not overwrite and load_json(join(out, PREDICTED_BY_FILE)) != record:
             raise UnlabeledDataError(f"{out} holds segmentations by another model or checkpoint (see its "
                                      f"{PREDICTED_BY_FILE}): add --overwrite to replace them")
@@ -163,16 +168,14 @@ def predict_next_stage_unlabeled(dataset_name_or_id: Union[int, str], configurat
                                 perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(model_folder, tuple(folds), checkpoint_name)
-    source_dataset = infer_dataset_class(source)(source, todo)
-    target_datasets = {n: infer_dataset_class(targets[n])(targets[n], todo) for n in next_stages}
+    source_dataset = nnUNetDatasetBlosc2(source, todo)
     for k in tqdm(todo, desc=f"Predicting the unlabeled cases with {configuration}"):
         data, _, _, properties = source_dataset.load_case(k)
         logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data[:])).cpu()
         for n in next_stages:
-            target_shape = target_datasets[n].load_case(k)[0].shape[1:]
             temporary = join(outputs[n], TEMPORARY_FOLDER, k)
-            resample_and_save(logits, target_shape, temporary, plans_manager, manager, properties, dataset_json,
-                              default_num_processes, type(target_datasets[n]))
+            resample_and_save(logits, _image_shape(targets[n], k), temporary, plans_manager, manager, properties,
+                              dataset_json, default_num_processes, nnUNetDatasetBlosc2)
             os.replace(temporary + ".b2nd", join(outputs[n], k + ".b2nd"))
     for out in outputs.values():
         shutil.rmtree(join(out, TEMPORARY_FOLDER), ignore_errors=True)

@@ -2,7 +2,6 @@
 unlabeled cases are written by ``nnUNetv2_caml_predict_next_stage``, and the cascade stage trains on them."""
 import json
 import shutil
-from contextlib import contextmanager
 
 import blosc2
 import numpy as np
@@ -41,18 +40,11 @@ def _add_cascade_configurations(d) -> None:
     plans_file.write_text(json.dumps(plans, indent=2))
 
 
-@contextmanager
-def _nnunet_paths(monkeypatch, env):
-    """nnU-Net's folders of ``env`` in this process (``nnunetv2.paths`` reads the environment when asked)."""
-    with monkeypatch.context() as m:
-        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-            m.setenv(k, env[k])
-        yield
-
-
 def test_cascade_trains_on_the_first_stages_segmentations_of_the_unlabeled_cases(cascade_dataset, monkeypatch, capsys):
     d = cascade_dataset
     env, dataset_id = d["env"], d["dataset_id"]
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(k, env[k])  # for the calls in this process (nnunetv2.paths reads them when asked)
     run_cli(["nnUNetv2_preprocess", "-d", dataset_id, "-c", LOWRES, "-np", "1"], env)
     result = run_cli(["nnUNetv2_caml_preprocess_unlabeled", "-d", dataset_id, "-c", LOWRES, CASCADE, "-np", "1"], env)
     assert f"{CASCADE}: 4 unlabeled case(s)" in result.stdout and "0 to preprocess" in result.stdout  # 3d_fullres's
@@ -77,9 +69,9 @@ def test_cascade_trains_on_the_first_stages_segmentations_of_the_unlabeled_cases
         assert segmentation.dtype == reference.dtype and segmentation.ndim == reference.ndim == 3
         assert segmentation.shape == blosc2.open(str(unlabeled_data / f"{case}.b2nd"), mode="r").shape[1:]
         assert set(np.unique(segmentation)) <= {0, 1}
-    with _nnunet_paths(monkeypatch, env):  # a rerun (here in this process) keeps them
-        predict_next_stage_unlabeled(dataset_id, LOWRES, TRAINER, folds=["all"], device=torch.device("cpu"),
-                                     use_mirroring=False)
+    # a rerun (here in this process) keeps them
+    predict_next_stage_unlabeled(dataset_id, LOWRES, TRAINER, folds=["all"], device=torch.device("cpu"),
+                                 use_mirroring=False)
     assert "0 to predict, 4 already finished" in capsys.readouterr().out
 
     run_cli(["nnUNetv2_train", dataset_id, CASCADE, "all", "-tr", TRAINER, "-device", "cpu"], env)
@@ -112,8 +104,7 @@ def test_cascade_trains_on_the_first_stages_segmentations_of_the_unlabeled_cases
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("ERROR: ")
     assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
     assert {f.name: f.stat().st_mtime_ns for f in written.iterdir()} == before
-    with _nnunet_paths(monkeypatch, env):
-        predict_next_stage_unlabeled(dataset_id, LOWRES, TRAINER, folds=["all"], device=torch.device("cpu"),
-                                     use_mirroring=False, overwrite=True)
+    predict_next_stage_unlabeled(dataset_id, LOWRES, TRAINER, folds=["all"], device=torch.device("cpu"),
+                                 use_mirroring=False, overwrite=True)
     assert "4 to predict" in capsys.readouterr().out
     assert json.loads((written / PREDICTED_BY_FILE).read_text())["sha256"]["fold_all"] != record["sha256"]["fold_all"]
